@@ -1,0 +1,7 @@
+"""gapruning: data-free pruning of pretrained networks with jitted genetic search."""
+
+from . import data, models
+from .zoo import Pretrained, load, save
+
+__all__ = ["Pretrained", "data", "load", "models", "save"]
+__version__ = "0.1.0"

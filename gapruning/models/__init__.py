@@ -1,0 +1,56 @@
+"""Model zoo. ``MODELS`` maps an architecture name to a function returning its graph.
+
+Add a model by writing a function that builds its nodes with
+:class:`~gapruning.models.graph.GraphBuilder` and calling :func:`register_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flax import nnx
+
+from .graph import GraphBuilder, Mask, Net, Node, channel_spaces, insert_masks
+from .lenet5 import lenet5
+from .mlp import lenet300, paoding_mlp
+from .resnet import resnet20, resnet32, resnet56
+from .vgg import vgg11
+
+MODELS: dict[str, Callable[..., tuple[Node, ...]]] = {
+    "lenet300": lenet300,
+    "paoding_mlp": paoding_mlp,
+    "lenet5": lenet5,
+    "vgg11": vgg11,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet56": resnet56,
+}
+
+
+def register_model(name: str, builder: Callable[..., tuple[Node, ...]]) -> None:
+    """Adds ``builder`` (keyword arguments -> node tuple) to :data:`MODELS`."""
+    if name in MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    MODELS[name] = builder
+
+
+def build(arch: str, *, seed: int = 0, **kwargs) -> Net:
+    """A freshly initialised :class:`Net` of architecture ``arch``."""
+    if arch not in MODELS:
+        raise KeyError(
+            f"unknown architecture {arch!r}; known: {', '.join(sorted(MODELS))}"
+        )
+    return Net(MODELS[arch](**kwargs), rngs=nnx.Rngs(seed))
+
+
+__all__ = [
+    "MODELS",
+    "GraphBuilder",
+    "Mask",
+    "Net",
+    "Node",
+    "build",
+    "channel_spaces",
+    "insert_masks",
+    "register_model",
+]
