@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import platform
 import shlex
 import sys
@@ -72,7 +73,7 @@ def _cmd_train(args) -> None:
         "test_accuracy": acc,
         "origin": f"trained by gapruning on {short}",
         "training": {
-            "command": "gapruning " + shlex.join(sys.argv[1:]),
+            "command": "gapruning " + shlex.join(args.argv),
             "recipe": dataclasses.asdict(cfg),
             "seed": cfg.seed,
             "date": datetime.date.today().isoformat(),
@@ -84,6 +85,84 @@ def _cmd_train(args) -> None:
     }
     zoo.save(zoo.Pretrained(model, card), out, overwrite=args.overwrite)
     print(f"saved {out} (test accuracy {acc:.4f}, {seconds:.0f} s)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        )
+
+
+def _cmd_eval(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import zoo
+    from .data import load_dataset
+    from .evaluate import evaluate
+
+    net = zoo.load(args.model)
+    data = load_dataset(args.dataset, "test")
+    if args.limit:
+        data = data._replace(
+            images=data.images[: args.limit], labels=data.labels[: args.limit]
+        )
+    attacks = tuple(a for a in args.attacks.split(",") if a)
+    metrics = evaluate(
+        net, data, attacks=attacks, eps=args.eps, pgd_steps=args.pgd_steps
+    )
+    if args.json:
+        print(json.dumps(_jsonable(metrics), indent=2))
+        return
+    table = Table(title=f"{net.name} on {data.name} ({metrics['num_samples']} samples)")
+    table.add_column("attack")
+    table.add_column("eps", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("robustness preservation", justify="right")
+    table.add_row("clean", "0", f"{metrics['accuracy']:.4f}", "")
+    for a in attacks:
+        for e, acc in metrics[a].items():
+            rp = metrics["robustness_preservation"][a][e]
+            table.add_row(a, f"{e:g}", f"{acc:.4f}", f"{rp:.4f}")
+    Console().print(table)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def _cmd_list(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import models, zoo
+
+    console = Console()
+    archs = Table(title="architectures (gapruning.models.MODELS)")
+    archs.add_column("name")
+    archs.add_column("description")
+    for name, fn in models.MODELS.items():
+        archs.add_row(
+            name, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        )
+    console.print(archs)
+    shipped = Table(title="shipped pretrained models (weights/)")
+    for col in ("name", "arch", "dataset", "test accuracy"):
+        shipped.add_column(col)
+    for name in zoo.shipped_models():
+        card = json.loads((zoo.WEIGHTS_DIR / name / zoo.CARD_FILE).read_text())
+        shipped.add_row(
+            name,
+            card.get("arch", "?"),
+            card.get("dataset", "?"),
+            f"{card.get('test_accuracy', float('nan')):.4f}",
+        )
+    console.print(shipped)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,11 +181,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser(
+        "eval", help="accuracy and robustness of a model on real test data"
+    )
+    e.add_argument(
+        "--model", required=True, help="shipped model name or model directory"
+    )
+    e.add_argument("--dataset", default="fashion-mnist")
+    e.add_argument("--attacks", default="fgsm,pgd", help="comma-separated: fgsm,pgd")
+    e.add_argument(
+        "--eps",
+        type=_floats,
+        default=(0.01, 0.05, 0.1),
+        help="comma-separated radii in pixel units",
+    )
+    e.add_argument("--pgd-steps", type=int, default=10)
+    e.add_argument("--limit", type=int, help="evaluate the first N test samples only")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(func=_cmd_eval)
+
+    li = sub.add_parser("list", help="list architectures and shipped models")
+    li.set_defaults(func=_cmd_list)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except (

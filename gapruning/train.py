@@ -71,9 +71,8 @@ RECIPES: dict[str, TrainConfig] = {
 
 def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     total = cfg.epochs * steps_per_epoch
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, max(1, cfg.warmup_epochs * steps_per_epoch), total
-    )
+    warmup = max(1, min(cfg.warmup_epochs * steps_per_epoch, total // 2))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total)
     if cfg.optimizer == "adamw":
         return optax.adamw(schedule, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
@@ -108,7 +107,7 @@ def train(
     eval_set: Dataset | None = None,
     progress: bool = True,
 ):
-    """Trains ``arch`` from scratch; returns ``(model, log)`` with the model in eval mode.
+    """Trains ``arch`` from scratch; returns ``(model, log)``, the model in eval mode.
 
     Inputs are pixels in [0, 1]; the model receives ``(x - mean) / std``.
     """

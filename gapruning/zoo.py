@@ -122,14 +122,18 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
+def _path_name(path) -> str:
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
 def check_finite(model: Net, where: str) -> None:
     """Raises :class:`ModelFileError` naming the first variable holding NaN or Inf."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(
-        nnx.to_pure_dict(nnx.state(model))
-    ):
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model)))
+    for path, leaf in leaves:
         if not bool(jnp.all(jnp.isfinite(leaf))):
-            name = "/".join(str(getattr(p, "key", p)) for p in path)
-            raise ModelFileError(f"{where}: variable {name} contains NaN or Inf values")
+            raise ModelFileError(
+                f"{where}: variable {_path_name(path)} contains NaN or Inf values"
+            )
 
 
 def save(
@@ -176,7 +180,7 @@ def _resolve(name_or_dir: str | os.PathLike) -> Path:
     shipped = WEIGHTS_DIR / str(name_or_dir)
     if shipped.is_dir():
         return shipped
-    known = sorted(p.name for p in WEIGHTS_DIR.glob("*/") if (p / CARD_FILE).exists())
+    known = shipped_models()
     raise ModelFileError(
         f"no model {str(name_or_dir)!r}: not a directory and not a shipped "
         f"model; shipped models: {', '.join(known) or 'none'}"
@@ -226,11 +230,11 @@ def _restore(ckpt_dir: Path, abstract):
 
 def _check_shapes(restored, abstract, path: Path) -> None:
     got = {
-        jax.tree_util.keystr(p): np.shape(v)
+        _path_name(p): np.shape(v)
         for p, v in jax.tree_util.tree_leaves_with_path(restored)
     }
     want = {
-        jax.tree_util.keystr(p): tuple(v.shape)
+        _path_name(p): tuple(v.shape)
         for p, v in jax.tree_util.tree_leaves_with_path(abstract)
     }
     for key, shape in want.items():
@@ -254,4 +258,8 @@ def _check_shapes(restored, abstract, path: Path) -> None:
 
 def shipped_models() -> list[str]:
     """Names of the models in ``weights/``."""
-    return sorted(p.name for p in WEIGHTS_DIR.glob("*/") if (p / CARD_FILE).exists())
+    return sorted(
+        p.name
+        for p in WEIGHTS_DIR.iterdir()
+        if not p.name.startswith(".") and (p / CARD_FILE).is_file()
+    )

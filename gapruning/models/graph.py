@@ -34,6 +34,9 @@ CHANNELWISE = frozenset(
 )
 # Ops whose output units are new, prunable units.
 PRODUCERS = frozenset({"dense", "conv"})
+# Ops that keep the channel axis but mix its entries (softmax): they join their
+# input's channel space, and being in neither set above they make it unprunable.
+CHANNEL_COUPLING = frozenset({"softmax"})
 
 
 class Mask(nnx.Variable):
@@ -111,6 +114,8 @@ class GraphBuilder:
         return name or f"{op}{len(self.nodes)}"
 
     def shape(self, x: str) -> tuple[int, ...]:
+        if x not in self._shapes:
+            raise ValueError(f"unknown node {x!r}")
         return self._shapes[x]
 
     def dense(self, x, features: int, *, use_bias: bool = True, name=None) -> str:
@@ -173,6 +178,10 @@ class GraphBuilder:
 
     def sigmoid(self, x, name=None) -> str:
         return self._add("sigmoid", self._name("sigmoid", name), (x,), self.shape(x))
+
+    def softmax(self, x, name=None) -> str:
+        """Softmax over the last (channel) axis; its input space is not prunable."""
+        return self._add("softmax", self._name("softmax", name), (x,), self.shape(x))
 
     def _pool(self, op, x, window, strides, padding, name, **extra) -> str:
         h, w, c = self.shape(x)
@@ -285,7 +294,7 @@ def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
 
     for n in nodes:
         parent[n.name] = n.name
-        if n.op in CHANNELWISE:
+        if n.op in CHANNELWISE or n.op in CHANNEL_COUPLING:
             parent[n.name] = find(n.inputs[0])
         elif n.op == "add":
             for other in n.inputs:
@@ -450,7 +459,8 @@ class Net(nnx.Module):
         """
         if x.shape[1:] != self.input_shape:
             raise ValueError(
-                f"input shape {x.shape[1:]} does not match the model's {self.input_shape}"
+                f"input shape {x.shape[1:]} does not match the model's "
+                f"{self.input_shape}"
             )
         pop = self.population_size()
         batch = x.shape[0]
@@ -501,6 +511,8 @@ class Net(nnx.Module):
             return jax.nn.relu(x)
         if op == "sigmoid":
             return jax.nn.sigmoid(x)
+        if op == "softmax":
+            return jax.nn.softmax(x, axis=-1)
         if op == "maxpool":
             return _pool(x, n, "max")
         if op == "avgpool":

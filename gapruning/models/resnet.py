@@ -43,12 +43,15 @@ def resnet(
 
 
 def resnet20(**kw) -> tuple[Node, ...]:
+    """ResNet-20: 3 stages of 3 basic blocks, 16/32/64 channels."""
     return resnet(20, **kw)
 
 
 def resnet32(**kw) -> tuple[Node, ...]:
+    """ResNet-32: 3 stages of 5 basic blocks, 16/32/64 channels."""
     return resnet(32, **kw)
 
 
 def resnet56(**kw) -> tuple[Node, ...]:
+    """ResNet-56: 3 stages of 9 basic blocks, 16/32/64 channels."""
     return resnet(56, **kw)

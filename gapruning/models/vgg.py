@@ -1,4 +1,4 @@
-"""VGG-11 with BatchNorm (Simonyan & Zisserman, 2015), sized for 28x28 / 32x32 inputs."""
+"""VGG-11 with BatchNorm (Simonyan & Zisserman, 2015) for 28x28 or 32x32 inputs."""
 
 from __future__ import annotations
 

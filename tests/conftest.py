@@ -1,0 +1,38 @@
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from gapruning import models  # noqa: E402
+
+
+def randomize(net, seed: int = 0):
+    """Gives every BatchNorm random running statistics and affine parameters, so
+    tests exercise them (fresh BatchNorms are the identity)."""
+    rng = np.random.default_rng(seed)
+    for layer in net.layers.values():
+        if isinstance(layer, nnx.BatchNorm):
+            c = layer.mean[...].shape
+            layer.mean[...] = jnp.asarray(rng.normal(0, 0.5, c), jnp.float32)
+            layer.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32)
+            layer.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
+            layer.bias[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
+    net.eval()
+    return net
+
+
+@pytest.fixture(params=sorted(models.MODELS))
+def zoo_net(request):
+    """Every zoo architecture, freshly built with random BatchNorm statistics."""
+    return request.param, randomize(models.build(request.param, seed=1))
+
+
+@pytest.fixture
+def batch():
+    return jax.random.normal(jax.random.key(0), (3, 28, 28, 1))

@@ -1,0 +1,100 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+import gapruning as gp
+from gapruning import cli
+
+
+def run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "gapruning.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_train_writes_a_loadable_model_with_a_full_card(tmp_path):
+    out = tmp_path / "tiny"
+    assert (
+        cli.main(
+            [
+                "train",
+                "--model",
+                "paoding_mlp",
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    net = gp.load(out)
+    card = net.card
+    assert card["arch"] == "paoding_mlp" and card["dataset"] == "fashion-mnist"
+    assert card["training"]["seed"] == 0 and card["training"]["recipe"]["epochs"] == 1
+    assert "gapruning train --model paoding_mlp" in card["training"]["command"]
+    assert 0.75 < card["test_accuracy"] < 1.0
+    measured = gp.evaluate(net, gp.data.fashion_mnist("test"), attacks=())["accuracy"]
+    assert measured == pytest.approx(card["test_accuracy"], abs=1e-9)
+
+
+def test_eval_prints_json_metrics():
+    r = run(
+        "eval",
+        "--model",
+        "lenet300-fmnist",
+        "--limit",
+        "300",
+        "--eps",
+        "0.05",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert set(m) >= {"accuracy", "fgsm", "pgd", "robustness_preservation"}
+    assert m["pgd"]["0.05"] <= m["accuracy"]
+
+
+def test_eval_prints_a_table():
+    r = run("eval", "--model", "lenet300-fmnist", "--limit", "200", "--attacks", "fgsm")
+    assert r.returncode == 0 and "fgsm" in r.stdout and "clean" in r.stdout
+
+
+def test_list_shows_architectures_and_shipped_models():
+    r = run("list")
+    assert r.returncode == 0
+    for name in ("lenet300", "resnet56", "lenet300-fmnist"):
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("eval", "--model", "nope"), "no model 'nope'"),
+        (("train", "--model", "alexnet", "--out", "x"), "unknown model 'alexnet'"),
+        (("eval", "--model", "lenet300-fmnist", "--attacks", "cw"), "unknown attack"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(args, message):
+    r = run(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_dataset_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("GAPRUNING_DATA", str(tmp_path))
+    assert cli.main(["eval", "--model", "lenet300-fmnist"]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback():
+    r = run("--debug", "eval", "--model", "nope")
+    assert r.returncode != 0 and "Traceback" in r.stderr
