@@ -1,0 +1,341 @@
+"""Keras -> Flax: .keras and .h5 files of real Keras models, Keras 2 layouts, errors."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+keras = pytest.importorskip("keras")
+from convert_nets import TOL, flax_out, inputs, rel_diff  # noqa: E402
+
+from gapruning.convert import (  # noqa: E402
+    ModelFormatError,
+    ShapeMismatchError,
+    UnsupportedLayerError,
+    from_keras,
+)
+from gapruning.models import channel_spaces  # noqa: E402
+
+L = keras.layers
+
+
+Z = {"kernel_initializer": "zeros"}  # Keras' random initialisers compile slowly
+
+
+def randomize(model, seed=1):
+    """Random weights everywhere, non-trivial BatchNorm statistics included."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        for w in layer.weights:
+            role, shape = w.path.split("/")[-1], tuple(w.shape)
+            if role == "kernel":
+                value = rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape)
+            elif role in ("gamma", "moving_variance"):
+                value = rng.uniform(0.5, 1.5, shape)
+            else:  # bias, beta, moving_mean
+                value = rng.normal(0, 0.3, shape)
+            w.assign(value.astype(np.float32))
+    return model
+
+
+def keras_mlp():
+    return randomize(
+        keras.Sequential(
+            [
+                keras.Input((28, 28, 1)),
+                L.Flatten(),
+                L.Dense(300, activation="relu", **Z),
+                L.Dropout(0.5),
+                L.Dense(100, **Z),
+                L.ReLU(),
+                L.Dense(10, **Z),
+            ]
+        )
+    )
+
+
+def keras_lenet5():
+    return randomize(
+        keras.Sequential(
+            [
+                keras.Input((28, 28, 1)),
+                L.Conv2D(6, 5, padding="same", activation="relu", **Z),
+                L.MaxPooling2D(),
+                L.Conv2D(16, 5, activation="relu", **Z),
+                L.AveragePooling2D(2),
+                L.Flatten(),
+                L.Dense(120, activation="relu", **Z),
+                L.Dense(84, activation="sigmoid", **Z),
+                L.Dense(10, activation="softmax", **Z),
+            ]
+        )
+    )
+
+
+def keras_vgg():
+    x = inp = keras.Input((20, 20, 3))
+    for i, (c, pool) in enumerate([(8, "max"), (16, "avg"), (16, None)]):
+        x = L.Conv2D(c, 3, padding="same", use_bias=False, name=f"conv{i}", **Z)(x)
+        x = L.BatchNormalization(scale=i != 1, name=f"bn{i}")(x)
+        x = L.Activation("relu")(x)
+        if pool == "max":
+            x = L.MaxPooling2D(3, strides=2, padding="same")(x)
+        elif pool == "avg":
+            x = L.AveragePooling2D(3, strides=2, padding="same")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    out = L.Dense(10, name="classifier", **Z)(x)
+    return randomize(keras.Model(inp, out))
+
+
+def keras_resnet():
+    """Two stages; the second downsamples with a 1x1 conv + BN projection."""
+    inp = keras.Input((12, 12, 2))
+    x = L.Activation("relu")(
+        L.BatchNormalization()(L.Conv2D(4, 3, padding="same", **Z)(inp))
+    )
+    for stage, (c, stride) in enumerate([(4, 1), (8, 2)], start=1):
+        h = L.Conv2D(c, 3, strides=stride, padding="same", name=f"s{stage}_conv1", **Z)(
+            x
+        )
+        h = L.ReLU()(L.BatchNormalization()(h))
+        h = L.BatchNormalization()(
+            L.Conv2D(c, 3, padding="same", name=f"s{stage}_conv2", **Z)(h)
+        )
+        short = x
+        if stride != 1:
+            short = L.Conv2D(c, 1, strides=stride, name=f"s{stage}_proj", **Z)(x)
+            short = L.BatchNormalization()(short)
+        x = L.ReLU()(L.Add(name=f"s{stage}_add")([h, short]))
+    out = L.Dense(5, **Z)(L.GlobalAveragePooling2D()(x))
+    return randomize(keras.Model(inp, out))
+
+
+MODELS = {
+    "mlp": (keras_mlp, (28, 28, 1)),
+    "lenet5": (keras_lenet5, (28, 28, 1)),
+    "vgg-bn": (keras_vgg, (20, 20, 3)),
+    "resnet-projection": (keras_resnet, (12, 12, 2)),
+}
+
+
+def keras_out(model, x):
+    return np.asarray(model(x, training=False))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every model saved as .keras and as legacy .h5, with reference outputs."""
+    root = tmp_path_factory.mktemp("keras")
+    out = {}
+    for name, (build, shape) in MODELS.items():
+        model = build()
+        x, _ = inputs(shape)
+        model.save(root / f"{name}.keras")
+        model.save(root / f"{name}.h5")
+        out[name] = (model, root, x, keras_out(model, x))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_parity(saved, name, fmt):
+    model, root, x, ref = saved[name]
+    net = from_keras(root / f"{name}.{fmt}")
+    assert rel_diff(flax_out(net, x), ref) < TOL
+    assert net.card["origin"]["framework"] == "keras"
+    assert net.card["origin"]["format"] == fmt
+    assert net.card["input"]["shape"] == list(x.shape[1:])
+
+
+def test_layers_epsilon_and_coupling(saved):
+    model, root, x, _ = saved["resnet-projection"]
+    net = from_keras(root / "resnet-projection.keras", input_box=(-3, 3))
+    nodes = {n.name: n for n in net.model.nodes}
+    bns = [n for n in nodes.values() if n.op == "batchnorm"]
+    assert bns and all(n.attr("epsilon") == pytest.approx(1e-3) for n in bns)
+    assert all(n.attr("momentum") == pytest.approx(0.99) for n in bns)
+    spaces = channel_spaces(net.model.nodes)
+    sid = spaces.space_of["s2_add"]
+    assert spaces.space_of["s2_conv2"] == sid == spaces.space_of["s2_proj"]
+    assert spaces.prunable[sid] in net.model.masks
+    assert spaces.space_of["s1_add"] == spaces.space_of["s1_conv2"]
+    assert spaces.space_of["s1_add"] != sid
+    assert net.card["input"]["box"] == [-3.0, 3.0]
+
+
+def test_softmax_output_is_not_prunable(saved):
+    _, root, _, _ = saved["lenet5"]
+    net = from_keras(root / "lenet5.keras")
+    assert net.model.nodes[-1].op == "softmax"
+    spaces = channel_spaces(net.model.nodes)
+    assert spaces.space_of[net.model.nodes[-2].name] not in spaces.prunable
+    assert len(net.model.masks) == 4  # conv, conv, dense, dense: not the last one
+    assert net.model.nodes[-2].name not in net.model.masks
+
+
+# ------------------------------------------------------------------ Keras 2 files
+
+
+def _keras2_layer(layer, inbound):
+    cfg = {k: v for k, v in layer.get_config().items() if k != "dtype"}
+    cfg["dtype"] = "float32"
+    if isinstance(layer, keras.layers.InputLayer):
+        cfg = {"batch_input_shape": [None, *layer.batch_shape[1:]], "name": layer.name}
+    return {
+        "class_name": type(layer).__name__,
+        "config": cfg,
+        "name": layer.name,
+        "inbound_nodes": [[[src, 0, 0, {}] for src in inbound]] if inbound else [],
+    }
+
+
+def write_keras2_h5(model, path, sequential):
+    """A tf.keras 2.x style .h5 file (Keras 2 config layout, ':0' weight names)."""
+    k3 = json.loads(model.to_json())["config"]["layers"]
+    inbound = {}
+    for item in k3:
+        names = []
+
+        def walk(o, names=names):
+            if isinstance(o, dict):
+                if o.get("class_name") == "__keras_tensor__":
+                    names.append(o["config"]["keras_history"][0])
+                    return
+                for v in o.values():
+                    walk(v)
+            elif isinstance(o, list):
+                for v in o:
+                    walk(v)
+
+        for node in item.get("inbound_nodes", []):
+            walk(node["args"])
+        inbound[item["config"]["name"]] = names
+    layers = [_keras2_layer(layer, inbound.get(layer.name)) for layer in model.layers]
+    if sequential:  # Keras 2 Sequential: no InputLayer, shape on the first layer
+        layers = [x for x in layers if x["class_name"] != "InputLayer"]
+        layers[0]["config"]["batch_input_shape"] = [None, *model.input_shape[1:]]
+        config = {
+            "class_name": "Sequential",
+            "config": {"name": "seq", "layers": layers},
+        }
+    else:
+        assert layers[0]["class_name"] == "InputLayer"
+        config = {
+            "class_name": "Functional",
+            "config": {
+                "name": "model",
+                "layers": layers,
+                "input_layers": [[layers[0]["name"], 0, 0]],
+                "output_layers": [[layers[-1]["name"], 0, 0]],
+            },
+        }
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = json.dumps(config).encode()
+        f.attrs["keras_version"] = b"2.13.1"
+        f.attrs["backend"] = b"tensorflow"
+        mw = f.create_group("model_weights")
+        mw.attrs["layer_names"] = [layer.name.encode() for layer in model.layers]
+        for layer in model.layers:
+            g = mw.create_group(layer.name)
+            names = [f"{layer.name}/{w.path.split('/')[-1]}:0" for w in layer.weights]
+            g.attrs["weight_names"] = [n.encode() for n in names]
+            for n, w in zip(names, layer.get_weights(), strict=True):
+                g.create_dataset(n, data=w)
+
+
+@pytest.mark.parametrize(
+    "name,sequential", [("mlp", True), ("resnet-projection", False)]
+)
+def test_keras2_h5(saved, tmp_path, name, sequential):
+    model, _, x, ref = saved[name]
+    path = tmp_path / "k2.h5"
+    write_keras2_h5(model, path, sequential)
+    net = from_keras(path)
+    assert net.card["origin"]["keras_version"] == "2.13.1"
+    assert rel_diff(flax_out(net, x), ref) < TOL
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_unsupported_layer_named_with_position(tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            L.Dense(4, **Z),
+            L.LayerNormalization(name="ln"),
+            L.Dense(2, **Z),
+        ]
+    )
+    model.save(tmp_path / "ln.keras")
+    with pytest.raises(UnsupportedLayerError, match=r"'ln' \(position 1\).*LayerNorm"):
+        from_keras(tmp_path / "ln.keras")
+    model = keras.Sequential([keras.Input((6,)), L.Dense(4, activation="tanh", **Z)])
+    model.save(tmp_path / "tanh.h5")
+    with pytest.raises(UnsupportedLayerError, match="activation 'tanh'"):
+        from_keras(tmp_path / "tanh.h5")
+
+
+def test_bad_files(saved, tmp_path):
+    model, root, _, _ = saved["mlp"]
+    model.save_weights(tmp_path / "only.weights.h5")
+    with pytest.raises(ModelFormatError, match="weights only"):
+        from_keras(tmp_path / "only.weights.h5")
+    for ext in ("keras", "h5"):
+        data = (root / f"mlp.{ext}").read_bytes()
+        (tmp_path / f"cut.{ext}").write_bytes(data[: len(data) // 2])
+        with pytest.raises(ModelFormatError, match=f"cut.{ext}"):
+            from_keras(tmp_path / f"cut.{ext}")
+    (tmp_path / "notes.h5").write_text("hello")
+    with pytest.raises(ModelFormatError, match="neither"):
+        from_keras(tmp_path / "notes.h5")
+    with pytest.raises(FileNotFoundError):
+        from_keras(tmp_path / "missing.keras")
+
+
+def test_weight_shape_mismatch_names_layer(saved, tmp_path):
+    _, root, _, _ = saved["mlp"]
+    path = tmp_path / "bad.h5"
+    path.write_bytes((root / "mlp.h5").read_bytes())
+    with h5py.File(path, "r+") as f:
+        g = f["model_weights"]
+        layer = [k for k in g if "dense" in k][1]
+        names = [
+            n.decode() if isinstance(n, bytes) else n
+            for n in g[layer].attrs["weight_names"]
+        ]
+        kernel = [n for n in names if "kernel" in n][0]
+        del g[layer][kernel]
+        g[layer].create_dataset(kernel, data=np.zeros((299, 100), np.float32))
+    with pytest.raises(
+        ShapeMismatchError, match=r"kernel has shape \(299, 100\).*\(300, 100\)"
+    ):
+        from_keras(path)
+
+
+def test_keras3_file_without_var_names(saved, tmp_path):
+    """Older Keras 3 files name weight groups only by path (dense, dense_1...)."""
+    import io
+    import zipfile
+
+    model, root, x, ref = saved["resnet-projection"]
+    with zipfile.ZipFile(root / "resnet-projection.keras") as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    buf = io.BytesIO(files["model.weights.h5"])
+    with h5py.File(buf, "r+") as f:
+        groups = []
+        f.visititems(
+            lambda name, obj: groups.append(obj) if name.endswith("vars") else None
+        )
+        for g in groups:
+            if "name" in g.attrs:
+                del g.attrs["name"]
+        assert len(groups) > 10
+    files["model.weights.h5"] = buf.getvalue()
+    with zipfile.ZipFile(tmp_path / "old.keras", "w") as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+    assert rel_diff(flax_out(from_keras(tmp_path / "old.keras"), x), ref) < TOL

@@ -1,0 +1,227 @@
+"""ONNX -> Flax: graphs exported by PyTorch and written by hand, against onnxruntime."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+from convert_nets import (  # noqa: E402
+    TOL,
+    flax_out,
+    inputs,
+    rel_diff,
+    torch_lenet5,
+    torch_mlp,
+    torch_out,
+    torch_resnet,
+    torch_vgg,
+)
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from gapruning.convert import (  # noqa: E402
+    ConversionError,
+    ModelFormatError,
+    ShapeMismatchError,
+    UnsupportedLayerError,
+    from_onnx,
+)
+from gapruning.models import channel_spaces  # noqa: E402
+
+
+def export_torch(module, shape_hwc, path, dynamic=True):
+    c = (shape_hwc[2], shape_hwc[0], shape_hwc[1]) if len(shape_hwc) == 3 else shape_hwc
+    kw = {"dynamic_axes": {"x": {0: "N"}, "y": {0: "N"}}} if dynamic else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            (torch.zeros(1, *c),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            **kw,
+        )
+    return path
+
+
+def ort_out(model_or_path, x_fw):
+    data = model_or_path if isinstance(model_or_path, bytes) else str(model_or_path)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x_fw})[0]
+
+
+CASES = {
+    "mlp": (torch_mlp, (28, 28, 1)),
+    "lenet5": (torch_lenet5, (28, 28, 1)),
+    "vgg-bn": (torch_vgg, (28, 28, 1)),
+    "resnet-projection": (torch_resnet, (16, 16, 1)),
+}
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_torch_exported_parity(tmp_path, name, dynamic):
+    build, shape = CASES[name]
+    module = build()
+    path = export_torch(module, shape, tmp_path / f"{name}.onnx", dynamic)
+    net = from_onnx(path)
+    x, x_fw = inputs(shape)
+    ours = flax_out(net, x)
+    n = len(x) if dynamic else 1  # a static export has batch size 1
+    assert rel_diff(ours[:n], ort_out(path, x_fw[:n])) < TOL
+    assert rel_diff(ours, torch_out(module, x_fw)) < TOL
+    assert net.card["origin"]["framework"] == "onnx"
+    assert net.card["origin"]["opset"] == 17
+
+
+def test_resnet_residual_coupling(tmp_path):
+    path = export_torch(torch_resnet(blocks=2), (16, 16, 1), tmp_path / "r.onnx")
+    net = from_onnx(path)
+    spaces = channel_spaces(net.model.nodes)
+    adds = [n for n in net.model.nodes if n.op == "add"]
+    assert len(adds) == 6
+    stage_spaces = []
+    for pair in (adds[0:2], adds[2:4], adds[4:6]):
+        ids = {spaces.space_of[i] for a in pair for i in (*a.inputs, a.name)}
+        assert len(ids) == 1
+        stage_spaces.append(ids.pop())
+    assert len(set(stage_spaces)) == 3
+    for sid in stage_spaces:
+        assert spaces.prunable[sid] in net.model.masks
+        members = [n for n in net.model.nodes if spaces.space_of[n.name] == sid]
+        assert sum(n.op == "conv" for n in members) >= 2  # both branches' convs
+
+
+def handmade(with_softmax=True):
+    """Every supported op that PyTorch's exporter does not emit above."""
+    rng = np.random.default_rng(0)
+
+    def init(name, arr):
+        return numpy_helper.from_array(np.asarray(arr, np.float32), name)
+
+    inits = [
+        init("w", rng.normal(0, 0.3, (6, 3, 3, 3))),
+        init("cb", rng.normal(0, 0.3, (1, 6, 1, 1))),
+        init("s", rng.uniform(0.5, 1.5, 6)),
+        init("b", rng.normal(0, 0.3, 6)),
+        init("m", rng.normal(0, 0.3, 6)),
+        init("v", rng.uniform(0.5, 1.5, 6)),
+        init("mm", rng.normal(0, 0.3, (6, 7))),
+        init("mb", rng.normal(0, 0.3, 7)),
+        init("gw", rng.normal(0, 0.3, (7, 5))),
+        init("gb", rng.normal(0, 0.3, (1, 5))),
+        init("k", rng.uniform(0.5, 2.0, 5)),
+        numpy_helper.from_array(np.array([-1, 6], np.int64), "shape"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "w"], ["c"], pads=[1, 0, 1, 2], strides=[1, 1]),
+        n("Add", ["c", "cb"], ["cbias"]),
+        n("BatchNormalization", ["cbias", "s", "b", "m", "v"], ["bn"], epsilon=1e-3),
+        n("Relu", ["bn"], ["r"]),
+        n(
+            "AveragePool",
+            ["r"],
+            ["ap"],
+            kernel_shape=[3, 3],
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+        ),
+        n(
+            "MaxPool",
+            ["ap"],
+            ["mp"],
+            kernel_shape=[2, 2],
+            strides=[1, 1],
+            pads=[0, 0, 1, 1],
+        ),
+        n("GlobalAveragePool", ["mp"], ["gap"]),
+        n("Reshape", ["gap", "shape"], ["flat"]),
+        n("MatMul", ["flat", "mm"], ["mmo"]),
+        n("Add", ["mmo", "mb"], ["dense"]),
+        n("Dropout", ["dense"], ["drop"]),
+        n("Sigmoid", ["drop"], ["sig"]),
+        n("Identity", ["sig"], ["id"]),
+        n("Gemm", ["id", "gw", "gb"], ["gemm"], alpha=0.5, beta=2.0),
+        n("Mul", ["gemm", "k"], ["scaled"]),
+    ]
+    last = "scaled"
+    if with_softmax:
+        nodes.append(n("Softmax", ["scaled"], ["y"], axis=1))
+        last = "y"
+    graph = helper.make_graph(
+        nodes,
+        "handmade",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 8])],
+        [helper.make_tensor_value_info(last, TensorProto.FLOAT, ["N", 5])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_handmade_ops_parity():
+    for softmax in (False, True):
+        model = handmade(softmax)
+        net = from_onnx(model, input_box=(0, 1))
+        x, x_fw = inputs((9, 8, 3))
+        assert (
+            rel_diff(flax_out(net, x), ort_out(model.SerializeToString(), x_fw)) < TOL
+        )
+    ops = [n.op for n in net.model.nodes]
+    # the Add after Conv and after MatMul became biases, the Mul an affine BatchNorm
+    assert ops.count("add") == 0 and ops.count("batchnorm") == 2
+    assert net.model.nodes[-1].op == "softmax"
+    assert net.card["name"] == "handmade" and net.card["input"]["box"] == [0.0, 1.0]
+
+
+def test_input_shape_for_symbolic_spatial_dims(tmp_path):
+    model = handmade()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    with pytest.raises(ConversionError, match="input_shape"):
+        from_onnx(model)
+    net = from_onnx(model, input_shape=(9, 8, 3))
+    assert net.input_shape == (9, 8, 3)
+    with pytest.raises(ConversionError, match="contradicts"):
+        from_onnx(model, input_shape=(9, 8, 4))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_unsupported_op_named_with_position():
+    model = handmade()
+    model.graph.node[3].op_type = "Tanh"  # the Relu
+    model.graph.node[3].name = "act"
+    with pytest.raises(
+        UnsupportedLayerError, match=r"op Tanh in node 'act' \(position 3\)"
+    ):
+        from_onnx(model)
+
+
+def test_weight_shape_mismatch():
+    model = handmade()
+    model.graph.initializer[8].CopyFrom(
+        numpy_helper.from_array(np.zeros((6, 5), np.float32), "gw")
+    )
+    with pytest.raises(ShapeMismatchError, match=r"shape \(5, 6\).*7 features"):
+        from_onnx(model)
+
+
+def test_bad_files(tmp_path):
+    path = export_torch(torch_mlp(), (28, 28, 1), tmp_path / "ok.onnx")
+    data = path.read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 3])
+    (tmp_path / "text.onnx").write_text("hello, not a model")
+    for name in ("cut.onnx", "text.onnx"):
+        with pytest.raises(ModelFormatError, match=name):
+            from_onnx(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        from_onnx(tmp_path / "missing.onnx")
