@@ -93,7 +93,7 @@ def _floats(text: str) -> tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, got {text!r}"
-        )
+        ) from None
 
 
 def _cmd_eval(args) -> None:

@@ -9,6 +9,7 @@ Shipped models live in ``weights/<name>/`` and load by name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .models import Net, Node
+from .models import Net, Node, abstract_net, assemble
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 CARD_FILE = "model.json"
@@ -42,6 +43,13 @@ class Pretrained:
 
     model: Net
     card: dict[str, Any]
+
+    @functools.cached_property
+    def space(self):
+        """The :class:`~gapruning.space.PruneSpace` of the model."""
+        from .space import PruneSpace
+
+        return PruneSpace(self.model)
 
     @property
     def name(self) -> str:
@@ -200,18 +208,12 @@ def load(name_or_dir: str | os.PathLike) -> Pretrained:
         nodes = graph_from_json(card["graph"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ModelFileError(f"{card_file} is corrupt or incomplete: {err!r}") from None
-    model = Net(nodes, rngs=nnx.Rngs(0))
-    model.eval()
-    state = nnx.state(model)
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(state)
-    )
+    abstract = nnx.to_pure_dict(nnx.state(abstract_net(nodes)))
     if not (path / STATE_DIR).is_dir():
         raise ModelFileError(f"{path} has no {STATE_DIR}/ checkpoint directory")
     restored = _restore(path / STATE_DIR, abstract)
     _check_shapes(restored, abstract, path)
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(model, state)
+    model = assemble(nodes, restored["layers"], restored.get("masks"))
     check_finite(model, str(path))
     card = {k: v for k, v in card.items() if k != "graph"}
     return Pretrained(model, card)

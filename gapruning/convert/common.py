@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..models.graph import Net, Node
+from ..models.graph import Node, abstract_net, assemble
 from ..zoo import ModelFileError, Pretrained
 
 DEFAULT_INPUT_BOX = (0.0, 1.0)
@@ -124,10 +124,8 @@ def build_pretrained(
     must have exactly the shape the layer has. ``source`` names the origin in
     error messages.
     """
-    # Shapes only: no random initialisation (which would compile per layer shape).
-    abstract = nnx.eval_shape(lambda: Net(nodes, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    want = nnx.to_pure_dict(state)
+    abstract = abstract_net(nodes)
+    want = nnx.to_pure_dict(nnx.state(abstract))
     ops = {n.name: n.op for n in abstract.nodes}
     layers = {}
     for name, variables in want.get("layers", {}).items():
@@ -156,11 +154,7 @@ def build_pretrained(
         raise ConversionError(
             f"{source}: weights given for unknown layers {', '.join(unused)}"
         )
-    masks = {g: jnp.ones(m.shape, m.dtype) for g, m in want.get("masks", {}).items()}
-    nnx.replace_by_pure_dict(state, {"layers": layers, "masks": masks})
-    model = nnx.merge(graphdef, state)
-    model.eval()
-    return Pretrained(model, card)
+    return Pretrained(assemble(nodes, layers), card)
 
 
 def make_card(

@@ -10,7 +10,16 @@ from collections.abc import Callable
 
 from flax import nnx
 
-from .graph import GraphBuilder, Mask, Net, Node, channel_spaces, insert_masks
+from .graph import (
+    GraphBuilder,
+    Mask,
+    Net,
+    Node,
+    abstract_net,
+    assemble,
+    channel_spaces,
+    insert_masks,
+)
 from .lenet5 import lenet5
 from .mlp import lenet300, paoding_mlp
 from .resnet import resnet20, resnet32, resnet56
@@ -44,6 +53,8 @@ def build(arch: str, *, seed: int = 0, **kwargs) -> Net:
 
 
 __all__ = [
+    "abstract_net",
+    "assemble",
     "MODELS",
     "GraphBuilder",
     "Mask",

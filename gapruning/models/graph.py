@@ -527,3 +527,28 @@ class Net(nnx.Module):
             picked = jnp.take(x, jnp.maximum(index, 0), axis=-1)
             return jnp.where(index >= 0, picked, 0.0)
         raise ValueError(f"unknown op {op!r} in node {n.name!r}")
+
+
+def abstract_net(nodes: tuple[Node, ...]) -> Net:
+    """A :class:`Net` of ``nodes`` holding shapes only (no initialisation compute)."""
+    return nnx.eval_shape(lambda: Net(nodes, rngs=nnx.Rngs(0)))
+
+
+def assemble(nodes: tuple[Node, ...], layers: dict, masks: dict | None = None) -> Net:
+    """A :class:`Net` of ``nodes`` holding the given variables, in eval mode.
+
+    ``layers`` maps layer name -> {variable: array} in Flax layouts (the caller
+    guarantees the shapes); ``masks`` defaults to all ones. Building from shapes
+    avoids random initialisation, which would compile once per layer shape.
+    """
+    graphdef, state = nnx.split(abstract_net(nodes))
+    if masks is None:
+        masks = {
+            g: jnp.ones(m.shape, m.dtype)
+            for g, m in nnx.to_pure_dict(state).get("masks", {}).items()
+        }
+    layers = jax.tree.map(jnp.asarray, layers)
+    nnx.replace_by_pure_dict(state, {"layers": layers, "masks": masks})
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model

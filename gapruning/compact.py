@@ -1,0 +1,110 @@
+"""Physical compaction: remove masked units, giving a smaller network, same outputs.
+
+Generic over the graph: each Dense/Conv keeps the rows of its kept input units and
+the columns of its kept output units, BatchNorm keeps the entries of its kept
+channels, a Dense after Flatten keeps every spatial position of the kept channels,
+and a parameter-free shortcut (``channel_map``) re-indexes into the kept channels.
+Coupled groups are removed from every member at once. The compacted network still
+has (all-ones) masks, so it can be pruned again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from .models import Net, assemble
+from .space import PruneSpace
+from .zoo import Pretrained
+
+
+def _kept_index(space: PruneSpace, masks: Mapping, tensor: str, width: int):
+    """Indices into ``tensor``'s last axis that survive compaction."""
+    node = space._by_name[tensor]
+    if node.op == "flatten":
+        src = space._by_name[node.inputs[0]]
+        inner = _kept_index(space, masks, src.name, src.shape[-1])
+        positions = math.prod(src.shape[:-1])
+        return (np.arange(positions)[:, None] * src.shape[-1] + inner[None, :]).ravel()
+    group = space.group_of(tensor)
+    if group is None:
+        return np.arange(width)
+    return np.flatnonzero(np.asarray(masks[group]).astype(bool))
+
+
+def compact(
+    pretrained: Pretrained, masks: Mapping, *, allow_empty: bool = False
+) -> Pretrained:
+    """A physically smaller copy of ``pretrained`` with the masked units removed.
+
+    Args:
+        pretrained: the network (its own masks are ignored; ``masks`` decides).
+        masks: group name -> boolean/0-1 array of kept units (see ``PruneSpace``).
+        allow_empty: allow removing every unit of a group (a zero-width layer).
+
+    Returns:
+        A :class:`Pretrained` whose outputs equal ``pretrained`` masked by ``masks``;
+        its card records the parent, the kept units and params/FLOPs before/after.
+    """
+    space = PruneSpace(pretrained.model)
+    space.validate(masks, allow_empty=allow_empty)
+    masks = {g: np.asarray(masks[g]).astype(bool) for g in space.group_names}
+    old_params = nnx.to_pure_dict(nnx.state(pretrained.model.layers))
+    index = {}
+    nodes = []
+    for n in pretrained.model.nodes:
+        out = _kept_index(space, masks, n.name, n.shape[-1])
+        index[n.name] = out
+        shape = (*n.shape[:-1], len(out))
+        attrs = dict(n.attrs)
+        if n.op in ("dense", "conv"):
+            attrs["features"] = len(out)
+        elif n.op == "channel_map":
+            src = index[n.inputs[0]]
+            position = {int(c): i for i, c in enumerate(src)}
+            attrs["index"] = tuple(
+                position.get(int(attrs["index"][j]), -1) for j in out
+            )
+        nodes.append(
+            dataclasses.replace(n, shape=shape, attrs=tuple(sorted(attrs.items())))
+        )
+    new_params = {}
+    for n in pretrained.model.nodes:
+        if n.name not in old_params:
+            continue
+        p, out = old_params[n.name], index[n.name]
+        if n.op == "dense":
+            rows = index[n.inputs[0]]
+            q = {"kernel": p["kernel"][rows][:, out]}
+        elif n.op == "conv":
+            rows = index[n.inputs[0]]
+            q = {"kernel": p["kernel"][:, :, rows][..., out]}
+        else:  # batchnorm: scale, bias, mean, var
+            q = {k: v[out] for k, v in p.items()}
+        if "bias" in p and n.op != "batchnorm":
+            q["bias"] = p["bias"][out]
+        new_params[n.name] = q
+    model = assemble(tuple(nodes), new_params)
+    before = {"params": space.dense_params, "flops": space.dense_flops}
+    after = {"params": int(space.params(masks)), "flops": int(space.flops(masks))}
+    card = dict(pretrained.card)
+    card["name"] = f"{pretrained.name}-pruned"
+    card["pruning"] = {
+        "parent": pretrained.name,
+        "kept": space.kept(masks),
+        "dense_width": {g.name: g.size for g in space.groups},
+        "params": {"before": before["params"], "after": after["params"]},
+        "flops": {"before": before["flops"], "after": after["flops"]},
+    }
+    return Pretrained(model, card)
+
+
+def param_count(model: Pretrained | Net) -> int:
+    """Number of parameter elements (``nnx.Param``) of a model."""
+    net = model.model if isinstance(model, Pretrained) else model
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(net, nnx.Param)))

@@ -1,0 +1,272 @@
+"""Genomes <-> masks, each decoding meeting its budget exactly.
+
+Every structured encoding turns a genome into one score per unit and hands the
+scores to a :class:`Budget` decoder, so "which units" (the encoding) and "how many"
+(the budget) are separate ideas:
+
+* ``units``: one gene per prunable unit (real scores, or bits);
+* ``profile`` (Venkatesan et al., 2020): one keep-ratio per group; inside a group,
+  units are taken in a fixed order (L1 norm of incoming weights, or a seeded random
+  permutation). Unit ``j`` (0-based in that order) of group ``g`` scores
+  ``log r_g - log((j + 1) / size_g)``, so the decoded profile is ``r`` scaled by the
+  one factor that meets the budget;
+* ``weights`` (Pham Van et al., 2022, unstructured): one score per kernel weight,
+  mask = top-k of ``|score|`` per layer.
+
+Budgets (``Budget.kind``): ``units`` keeps exactly ``round((1 - target) * N)`` units
+(globally with at least ``min_keep`` per group, or the same ratio in every group);
+``params``/``flops`` keep units in score order until the next one would exceed
+``(1 - target)`` of the dense cost (so the budget is met within one unit). All
+decoders are pure ``jnp`` functions: ``jit``- and ``vmap``-friendly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .models import Net
+from .space import MaskError, PruneSpace
+
+BUDGET_KINDS = ("units", "params", "flops")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How much to remove: ``target`` in (0, 1) of ``kind`` ("units", "params",
+    "flops"). ``per_group`` (units only): remove the same ratio from every group.
+    ``min_keep``: units every group keeps (no layer is emptied)."""
+
+    kind: str = "units"
+    target: float = 0.5
+    per_group: bool = False
+    min_keep: int = 1
+
+    def __post_init__(self):
+        if self.kind not in BUDGET_KINDS:
+            raise ValueError(
+                f"unknown budget {self.kind!r}; known: {', '.join(BUDGET_KINDS)}"
+            )
+        if not 0.0 < float(self.target) < 1.0:
+            raise ValueError(
+                f"target must be a fraction to remove strictly between 0 and 1, "
+                f"got {self.target}"
+            )
+        if self.min_keep < 1:
+            raise ValueError(f"min_keep must be at least 1, got {self.min_keep}")
+        if self.per_group and self.kind != "units":
+            raise ValueError("per_group applies to the 'units' budget only")
+
+
+class BudgetDecoder:
+    """Maps unit scores ``(N,)`` to kept units ``(N,) bool`` meeting a budget.
+
+    Ties are broken by ``prior`` (higher first, e.g. an L1-norm ranking), then by
+    unit index; the ``min_keep`` best units of every group are always kept.
+    """
+
+    def __init__(self, space: PruneSpace, budget: Budget, prior=None):
+        self.space, self.budget = space, budget
+        sizes = np.array(space.sizes)
+        if np.any(sizes < budget.min_keep):
+            small = [g.name for g in space.groups if g.size < budget.min_keep]
+            raise MaskError(f"groups {small} have fewer than min_keep units")
+        self.group_ids = jnp.asarray(np.repeat(np.arange(len(sizes)), sizes))
+        self.offsets = jnp.asarray(space.offsets)
+        self.prior = (
+            np.zeros(space.num_units, np.float32)
+            if prior is None
+            else np.asarray(prior, np.float32)
+        )
+        n, keep_frac = space.num_units, 1.0 - float(budget.target)
+        forced = np.full(len(sizes), budget.min_keep)
+        if budget.kind == "units" and budget.per_group:
+            self.keep_per_group = np.maximum(
+                np.round(keep_frac * sizes).astype(int), budget.min_keep
+            )
+        elif budget.kind == "units":
+            self.keep = int(round(keep_frac * n))
+            if self.keep < forced.sum():
+                raise MaskError(
+                    f"target {budget.target} keeps {self.keep} units, fewer than "
+                    f"min_keep={budget.min_keep} in each of {len(sizes)} groups"
+                )
+        else:
+            dense = space.dense_params if budget.kind == "params" else space.dense_flops
+            self.limit = keep_frac * dense
+            floor = int(space.cost_of_counts(forced, budget.kind))
+            if floor > self.limit:
+                raise MaskError(
+                    f"{budget.kind} target {budget.target} is out of reach: keeping "
+                    f"min_keep={budget.min_keep} unit(s) per group already costs "
+                    f"{floor} of {dense} ({floor / dense:.1%} kept, the target "
+                    f"allows {keep_frac:.1%})"
+                )
+
+    def ranks(self, scores):
+        """Rank of each unit inside its group (0 = best score)."""
+        order = jnp.lexsort((-self.prior, -scores, self.group_ids))
+        pos = jnp.arange(scores.shape[-1]) - self.offsets[self.group_ids[order]]
+        return jnp.zeros_like(pos).at[order].set(pos)
+
+    def __call__(self, scores) -> jax.Array:
+        scores = jnp.nan_to_num(jnp.asarray(scores, jnp.float32), nan=-jnp.inf)
+        rank = self.ranks(scores)
+        if self.budget.kind == "units" and self.budget.per_group:
+            return rank < jnp.asarray(self.keep_per_group)[self.group_ids]
+        forced = rank < self.budget.min_keep
+        order = jnp.lexsort((-self.prior, -scores, -forced.astype(jnp.int32)))
+        if self.budget.kind == "units":
+            return jnp.zeros(scores.shape, bool).at[order[: self.keep]].set(True)
+        return self._greedy(order, forced)
+
+    def _greedy(self, order, forced):
+        """Adds units in ``order`` until the next would exceed the cost limit."""
+        g_of = self.group_ids[order]
+        num_groups = len(self.space.sizes)
+
+        def step(carry, inputs):
+            counts, open_ = carry
+            g, must = inputs
+            trial = counts.at[g].add(1)
+            fits = self.space.cost_of_counts(trial, self.budget.kind) <= self.limit
+            take = must | (open_ & fits)
+            open_ = open_ & (must | fits)
+            return (jnp.where(take, trial, counts), open_), take
+
+        init = (jnp.zeros(num_groups, jnp.int32), jnp.array(True))
+        _, taken = jax.lax.scan(step, init, (g_of, forced[order]))
+        return jnp.zeros(order.shape, bool).at[order].set(taken)
+
+
+# ------------------------------------------------------------------- encodings
+
+
+class UnitEncoding:
+    """One gene per prunable unit; higher genes are kept first.
+
+    Example:
+        >>> enc = UnitEncoding(space, Budget("units", 0.7))
+        >>> masks = enc.decode(jax.random.normal(key, (enc.num_genes,)))
+    """
+
+    name = "units"
+
+    def __init__(self, space: PruneSpace, budget: Budget, prior=None):
+        self.space, self.budget = space, budget
+        self.decoder = BudgetDecoder(space, budget, prior)
+        self.num_genes = space.num_units
+
+    def decode(self, genome) -> dict[str, jax.Array]:
+        return self.space.unflat(self.decoder(genome))
+
+    def encode(self, masks: Mapping) -> np.ndarray:
+        return np.asarray(self.space.flat(masks), np.float32)
+
+
+def l1_unit_scores(model: Net, space: PruneSpace) -> np.ndarray:
+    """L1 norm of each unit's incoming weights (summed over coupled producers)."""
+    scores = []
+    for g in space.groups:
+        total = np.zeros(g.size)
+        for layer in g.members:
+            kernel = np.asarray(model.layers[layer].kernel[...])
+            total += np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(0)
+        scores.append(total)
+    return np.concatenate(scores)
+
+
+class ProfileEncoding:
+    """One keep-ratio gene per group; units chosen inside groups by ``rule``.
+
+    Args:
+        rule: "l1" (largest incoming-weight L1 norm first) or "random" (a fixed
+            permutation drawn from ``seed``).
+    """
+
+    name = "profile"
+
+    def __init__(
+        self,
+        model: Net,
+        space: PruneSpace,
+        budget: Budget,
+        rule: str = "l1",
+        seed: int = 0,
+    ):
+        if rule == "l1":
+            order_score = l1_unit_scores(model, space)
+        elif rule == "random":
+            order_score = np.random.default_rng(seed).random(space.num_units)
+        else:
+            raise ValueError(f"unknown profile rule {rule!r}; known: l1, random")
+        if budget.per_group:
+            raise ValueError("a profile sets per-group ratios; use a global budget")
+        self.space, self.budget, self.rule = space, budget, rule
+        self.decoder = BudgetDecoder(space, budget)
+        rank = np.asarray(self.decoder.ranks(jnp.asarray(order_score, jnp.float32)))
+        sizes = np.array(space.sizes)[self.decoder.group_ids]
+        self.unit_rank = rank  # position of each unit in its group's fixed order
+        self._log_position = np.log((rank + 1.0) / sizes).astype(np.float32)
+        self.num_genes = len(space.groups)
+
+    def decode(self, genome) -> dict[str, jax.Array]:
+        ratios = jnp.clip(jnp.asarray(genome, jnp.float32), 1e-6, 1.0)
+        scores = jnp.log(ratios)[self.decoder.group_ids] - self._log_position
+        return self.space.unflat(self.decoder(scores))
+
+    def encode(self, masks: Mapping) -> np.ndarray:
+        return np.array(
+            [
+                self.space.kept(masks)[g] / s
+                for g, s in zip(self.space.group_names, self.space.sizes, strict=True)
+            ],
+            np.float32,
+        )
+
+
+class WeightEncoding:
+    """One score per kernel weight of every Dense/Conv layer; per layer, the
+    ``keep`` fraction with the largest ``|score|`` is kept (unstructured)."""
+
+    name = "weights"
+
+    def __init__(
+        self, model: Net, keep: float = 0.5, layers: tuple[str, ...] | None = None
+    ):
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must lie in (0, 1], got {keep}")
+        if layers is None:
+            layers = tuple(n.name for n in model.nodes if n.op in ("dense", "conv"))
+        self.layers = layers
+        self.shapes = {
+            name: tuple(model.layers[name].kernel[...].shape) for name in layers
+        }
+        self.sizes = [math.prod(self.shapes[name]) for name in layers]
+        self.keep = {
+            name: max(1, round(keep * s))
+            for name, s in zip(layers, self.sizes, strict=True)
+        }
+        self.num_genes = sum(self.sizes)
+
+    def decode(self, genome) -> dict[str, jax.Array]:
+        genome = jnp.asarray(genome, jnp.float32)
+        out, start = {}, 0
+        for name, size in zip(self.layers, self.sizes, strict=True):
+            part = jnp.abs(genome[start : start + size])
+            _, idx = jax.lax.top_k(part, self.keep[name])
+            out[name] = (
+                jnp.zeros(size, bool).at[idx].set(True).reshape(self.shapes[name])
+            )
+            start += size
+        return out
+
+    def encode(self, masks: Mapping) -> np.ndarray:
+        return np.concatenate(
+            [np.asarray(masks[n], np.float32).ravel() for n in self.layers]
+        )
