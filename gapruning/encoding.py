@@ -165,8 +165,9 @@ class UnitEncoding:
     def decode(self, genome) -> dict[str, jax.Array]:
         return self.space.unflat(self.decoder(genome))
 
-    def encode(self, masks: Mapping) -> np.ndarray:
-        return np.asarray(self.space.flat(masks), np.float32)
+    def encode(self, masks: Mapping):
+        """0/1 genes of the kept units (NumPy for concrete masks, traceable)."""
+        return self.space.flat(masks).astype(np.float32)
 
 
 def l1_unit_scores(model: Net, space: PruneSpace) -> np.ndarray:
