@@ -1,10 +1,12 @@
 """gapruning: data-free pruning of pretrained networks with jitted genetic search."""
 
-from . import convert, data, models
+from . import convert, data, fitness, models, search
 from .compact import compact, param_count
 from .encoding import Budget, ProfileEncoding, UnitEncoding, WeightEncoding
 from .evaluate import evaluate
 from .forward import masked_apply, population_apply
+from .probes import make_probes
+from .prune import PruneResult, prune
 from .space import MaskError, PruneSpace
 from .zoo import Pretrained, load, save
 
@@ -13,6 +15,7 @@ __all__ = [
     "MaskError",
     "Pretrained",
     "ProfileEncoding",
+    "PruneResult",
     "PruneSpace",
     "UnitEncoding",
     "WeightEncoding",
@@ -20,11 +23,15 @@ __all__ = [
     "convert",
     "data",
     "evaluate",
+    "fitness",
     "load",
+    "make_probes",
     "masked_apply",
     "models",
     "param_count",
     "population_apply",
+    "prune",
     "save",
+    "search",
 ]
 __version__ = "0.1.0"

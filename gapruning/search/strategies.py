@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from evosax import algorithms as evosax_algorithms
 from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
