@@ -218,6 +218,83 @@ def _cmd_convert(args) -> None:
     )
 
 
+def _fitness_spec(text: str):
+    """A metric name, or a JSON object of metric weights."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(
+                f"--fitness is not valid JSON: {err}"
+            ) from None
+    return text
+
+
+def _cmd_prune(args) -> None:
+    from . import zoo
+    from .prune import prune
+    from .report import write_run
+
+    out = Path(args.out)
+    run_files = ("report.json", "model")
+    if (
+        out.exists()
+        and any((out / f).exists() for f in run_files)
+        and not (args.overwrite or args.resume)
+    ):
+        raise UsageError(f"{out} already holds a run (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write to {out}: {err.strerror}") from None
+    net = zoo.load(args.model)
+    checkpoints = (
+        out / "checkpoints" if (args.checkpoint_every or args.resume) else None
+    )
+    result = prune(
+        net,
+        args.strategy,
+        args.target,
+        args.budget,
+        fitness=args.fitness,
+        generations=args.generations,
+        population=args.population,
+        num_probes=args.num_probes,
+        seed=args.seed,
+        checkpoint_dir=checkpoints,
+        progress=not args.quiet,
+        probes=args.probes,
+        encoding=args.encoding,
+        per_group=args.per_group,
+        chunk=args.chunk,
+        checkpoint_every=args.checkpoint_every or 1,
+        resume=args.resume,
+    )
+    report = write_run(result, out, overwrite=True)
+    p, f = report["params"], report["flops"]
+    print(
+        f"pruned {net.name}: params {p['before']:,} -> {p['after']:,}, "
+        f"FLOPs {f['before']:,} -> {f['after']:,}; wrote {out}/"
+    )
+
+
+def _cmd_show(args) -> None:
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    report = Path(args.run_dir) / "report.md"
+    if not report.is_file():
+        raise UsageError(
+            f"{args.run_dir} has no report.md: not a gapruning run directory"
+        )
+    Console().print(Markdown(report.read_text()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gapruning", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -253,6 +330,53 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="evaluate the first N test samples only")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser("prune", help="prune a model without data (genetic search)")
+    pr.add_argument(
+        "--model", required=True, help="shipped model name or model directory"
+    )
+    pr.add_argument(
+        "--strategy", default="ga", help="ga, random, evosax:<Algorithm>, ..."
+    )
+    pr.add_argument(
+        "--target", type=float, default=0.7, help="fraction to remove, (0, 1)"
+    )
+    pr.add_argument("--budget", default="units", choices=("units", "params", "flops"))
+    pr.add_argument(
+        "--fitness",
+        type=_fitness_spec,
+        default="default",
+        help="metric name or JSON weights, e.g. '{\"fidelity\": 1}'",
+    )
+    pr.add_argument("--generations", type=int, default=200)
+    pr.add_argument("--population", type=int, default=64)
+    pr.add_argument("--num-probes", type=int, default=512)
+    pr.add_argument(
+        "--probes", help="probe kind (gaussian, uniform, bn_stats, inversion)"
+    )
+    pr.add_argument("--encoding", default="units", choices=("units", "profile"))
+    pr.add_argument(
+        "--per-group", action="store_true", help="same ratio in every group"
+    )
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--chunk", type=int, default=10, help="generations per jitted scan")
+    pr.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="checkpoint the search every N chunks (0: never)",
+    )
+    pr.add_argument(
+        "--resume", action="store_true", help="continue a killed run in --out"
+    )
+    pr.add_argument("--out", required=True, help="run directory")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=_cmd_prune)
+
+    sh = sub.add_parser("show", help="print the report of a run directory")
+    sh.add_argument("run_dir")
+    sh.set_defaults(func=_cmd_show)
 
     li = sub.add_parser("list", help="list architectures and shipped models")
     li.set_defaults(func=_cmd_list)

@@ -1,0 +1,134 @@
+"""Run directories a person can read: pruned model, report.json/.md and plots.
+
+Layout of ``write_run(result, out)``::
+
+    out/model/        the compacted model (gp.load(out / "model"))
+    out/report.json   PruneResult.report()
+    out/report.md     the same, as Markdown
+    out/fitness.png   best / mean / best-so-far fitness per generation
+    out/profile.png   kept units per group against the dense width
+
+Every file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .zoo import save
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def plot_fitness(history: dict, path: Path) -> None:
+    """Fitness per generation (lower is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gens = np.arange(1, len(history["best"]) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    ax.plot(gens, history["mean"], label="population mean", color="#9aa")
+    ax.plot(gens, history["best"], label="generation best", color="#48c", lw=1)
+    ax.plot(gens, history["best_so_far"], label="best so far", color="#c33", lw=2)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness (lower is better)")
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_profile(report: dict, path: Path) -> None:
+    """Kept units per group, drawn over the dense width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = report["groups"]
+    x = np.arange(len(groups))
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(groups) + 2), 3.6), dpi=120)
+    ax.bar(x, [g["size"] for g in groups], color="#dde", label="dense width")
+    ax.bar(x, [g["kept"] for g in groups], color="#48c", label="kept")
+    ax.set_xticks(x, [g["group"] for g in groups], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("units")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown."""
+    s = report["settings"]
+    lines = [
+        f"# Pruning report: {report['model']}",
+        "",
+        f"Strategy `{s['strategy']}`, remove {s['target']:.0%} of {s['budget']} "
+        f"({s['encoding']} encoding), fitness `{s['fitness']}`, "
+        f"{s['generations']} generations x {s['population']} individuals, "
+        f"seed {s['seed']}.",
+        "",
+        "| | before | after | kept |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for key in ("params", "flops", "units"):
+        b, a = report[key]["before"], report[key]["after"]
+        lines.append(f"| {key} | {b:,} | {a:,} | {a / b:.1%} |")
+    lines += ["", "| group | kind | dense | kept |", "| --- | --- | ---: | ---: |"]
+    lines += [
+        f"| {g['group']} | {g['kind']} | {g['size']} | {g['kept']} |"
+        for g in report["groups"]
+    ]
+    f, srch = report["fitness"], report["search"]
+    lines += [
+        "",
+        f"Fitness: best {f['best']:.6g} (first generation best "
+        f"{f['first_generation_best']}, last generation mean "
+        f"{f['last_generation_mean']}).",
+        f"Search: {srch['evaluations']:,} evaluations in {srch['seconds']:.1f} s "
+        f"({srch['compile_seconds']:.1f} s compiling), "
+        f"{srch['evaluations_per_second']:,} evaluations/s on {report['device']}.",
+    ]
+    if "evaluation" in report:
+        lines += [
+            "",
+            "## Evaluation (real test data)",
+            "",
+            "```",
+            json.dumps(report["evaluation"], indent=2),
+            "```",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_run(
+    result, out: str | Path, *, extra: dict | None = None, overwrite: bool = False
+) -> dict:
+    """Writes the run directory (see module docstring); returns the report."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = result.report()
+    if extra:
+        report.update(extra)
+    save(result.pruned, out / "model", overwrite=overwrite)
+    _atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    _atomic_write(out / "report.md", markdown(report).encode())
+    plot_fitness(result.history, out / "fitness.png")
+    plot_profile(report, out / "profile.png")
+    return report
