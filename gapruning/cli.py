@@ -136,33 +136,55 @@ def _jsonable(obj):
     return obj
 
 
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+
+
 def _cmd_list(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import models, zoo
+    from . import fitness, models, search, zoo
+
+    def table(title, rows, columns=("name", "description")):
+        t = Table(title=title)
+        for col in columns:
+            t.add_column(col)
+        for row in rows:
+            t.add_row(*row)
+        return t
 
     console = Console()
-    archs = Table(title="architectures (gapruning.models.MODELS)")
-    archs.add_column("name")
-    archs.add_column("description")
-    for name, fn in models.MODELS.items():
-        archs.add_row(
-            name, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+    console.print(
+        table(
+            "architectures (gapruning.models.MODELS)",
+            [(n, _first_line(f.__doc__)) for n, f in models.MODELS.items()],
         )
-    console.print(archs)
-    shipped = Table(title="shipped pretrained models (weights/)")
-    for col in ("name", "arch", "dataset", "test accuracy"):
-        shipped.add_column(col)
+    )
+    shipped = []
     for name in zoo.shipped_models():
         card = json.loads((zoo.WEIGHTS_DIR / name / zoo.CARD_FILE).read_text())
-        shipped.add_row(
-            name,
-            card.get("arch", "?"),
-            card.get("dataset", "?"),
-            f"{card.get('test_accuracy', float('nan')):.4f}",
+        shipped.append(
+            (
+                name,
+                card.get("arch", "?"),
+                card.get("dataset", "?"),
+                f"{card.get('test_accuracy', float('nan')):.4f}",
+            )
         )
-    console.print(shipped)
+    console.print(
+        table(
+            "shipped pretrained models (weights/)",
+            shipped,
+            ("name", "arch", "dataset", "test accuracy"),
+        )
+    )
+    strategies = [(n, _first_line(f.__doc__)) for n, f in search.STRATEGIES.items()]
+    strategies.append(("evosax:<Name>", "any evosax algorithm, e.g. evosax:CMA_ES"))
+    console.print(table("search strategies (gapruning.search.STRATEGIES)", strategies))
+    console.print(
+        table("fitness metrics (gapruning.fitness.METRICS)", fitness.describe_metrics())
+    )
 
 
 def _ints(text: str) -> tuple[int, ...]:

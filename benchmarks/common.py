@@ -1,0 +1,60 @@
+"""Shared helpers for the benchmarks: timing, machine description, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timeit(fn, *args, repeats: int = 5, warmup: int = 1) -> dict:
+    """Median and spread of wall time of ``fn(*args)`` (blocked), warm-up excluded."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times),
+            "max_s": max(times), "repeats": repeats}
+
+
+def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
+    """Dense float32 matmul throughput of this machine (2 n^3 FLOPs per product)."""
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    f = jax.jit(lambda a: a @ a)
+    t = timeit(f, a, repeats=repeats)["median_s"]
+    return 2 * n**3 / t
+
+
+def machine() -> dict:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "load_average_at_start": load,
+    }
+
+
+def write(name: str, payload: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
+def sync(x):
+    return jax.block_until_ready(jnp.asarray(x))
