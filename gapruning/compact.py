@@ -25,9 +25,9 @@ from .zoo import Pretrained
 
 def _kept_index(space: PruneSpace, masks: Mapping, tensor: str, width: int):
     """Indices into ``tensor``'s last axis that survive compaction."""
-    node = space._by_name[tensor]
+    node = space.node(tensor)
     if node.op == "flatten":
-        src = space._by_name[node.inputs[0]]
+        src = space.node(node.inputs[0])
         inner = _kept_index(space, masks, src.name, src.shape[-1])
         positions = math.prod(src.shape[:-1])
         return (np.arange(positions)[:, None] * src.shape[-1] + inner[None, :]).ravel()

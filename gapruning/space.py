@@ -116,6 +116,10 @@ class PruneSpace:
         """Start of each group's units in the flat unit vector."""
         return tuple(int(o) for o in np.cumsum((0, *self.sizes))[:-1])
 
+    def node(self, name: str) -> Node:
+        """The graph node called ``name``."""
+        return self._by_name[name]
+
     def group_of(self, node_name: str) -> str | None:
         """The group whose units index ``node_name``'s channels, if prunable."""
         g = self._space_group.get(self._space_of[node_name])

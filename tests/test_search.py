@@ -220,13 +220,14 @@ SCRIPT = textwrap.dedent("""
         out = jax.nn.log_softmax(gp.population_apply(net, masks, x))
         return (jnp.exp(dense) * (dense - out)).sum(-1).mean(-1)
     try:
-        r = gp.prune(net, "ga", 0.7, fitness=kl, generations=6, population=int(sys.argv[1]),
-                     progress=False, chunk=3)
+        r = gp.prune(net, "ga", 0.7, fitness=kl, generations=6,
+                     population=int(sys.argv[1]), progress=False, chunk=3)
     except ValueError as err:
         print(json.dumps({"error": str(err)})); raise SystemExit
     print(json.dumps({"devices": jax.device_count(), "fitness": r.search.best_fitness,
                       "history": r.history["best"].tolist(),
-                      "masks": {k: v.astype(int).tolist() for k, v in r.masks.items()}}))
+                      "masks": {k: v.astype(int).tolist()
+                                for k, v in r.masks.items()}}))
 """)
 
 
