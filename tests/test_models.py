@@ -146,3 +146,12 @@ def test_wrong_input_shape_is_refused():
     net = models.build("lenet5")
     with pytest.raises(ValueError, match="does not match"):
         net(jnp.ones((2, 32, 32, 1)))
+
+
+def test_build_returns_an_inference_ready_model():
+    net = models.build("resnet20")
+    before = np.asarray(net.layers["stem_bn"].mean[...])
+    x = jnp.ones((2, 28, 28, 1))
+    first = np.asarray(net(x))
+    np.testing.assert_array_equal(np.asarray(net(x)), first)
+    np.testing.assert_array_equal(np.asarray(net.layers["stem_bn"].mean[...]), before)

@@ -44,12 +44,15 @@ def register_model(name: str, builder: Callable[..., tuple[Node, ...]]) -> None:
 
 
 def build(arch: str, *, seed: int = 0, **kwargs) -> Net:
-    """A freshly initialised :class:`Net` of architecture ``arch``."""
+    """A freshly initialised :class:`Net` of architecture ``arch``, in eval mode
+    (BatchNorm uses running statistics; call ``.train()`` to train it)."""
     if arch not in MODELS:
         raise KeyError(
             f"unknown architecture {arch!r}; known: {', '.join(sorted(MODELS))}"
         )
-    return Net(MODELS[arch](**kwargs), rngs=nnx.Rngs(seed))
+    net = Net(MODELS[arch](**kwargs), rngs=nnx.Rngs(seed))
+    net.eval()
+    return net
 
 
 __all__ = [
