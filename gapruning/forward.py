@@ -10,6 +10,7 @@ mask the kernels of each individual; they are evaluated in chunks of individuals
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -69,20 +70,41 @@ def masked_apply(model: Pretrained | Net, masks: Mapping, x: jax.Array) -> jax.A
     return _with_kernel_masks(net, masks)(x)
 
 
+# Largest folded activation (bytes) one chunk of the population may produce. On
+# CPUs, folding many individuals into one huge convolution batch is memory bound:
+# measured on resnet20 with 512 probes, P=8 folded at once took 8.2 s, in chunks
+# of one individual 3.1 s (benchmarks/results/population_forward.md).
+ACTIVATION_BUDGET_BYTES = 32 * 2**20
+
+
+def auto_chunk_size(model: Pretrained | Net, population: int, batch: int) -> int:
+    """The largest divisor of ``population`` whose folded activations stay within
+    :data:`ACTIVATION_BUDGET_BYTES`."""
+    net = _net(model)
+    first_mask = next((i for i, n in enumerate(net.nodes) if n.op == "mask"), 0)
+    folded = net.nodes[first_mask:]  # the nodes that carry the population axis
+    per_individual = batch * 4 * max(math.prod(n.shape) for n in folded)
+    limit = max(1, ACTIVATION_BUDGET_BYTES // max(per_individual, 1))
+    return max(
+        d for d in range(1, population + 1) if population % d == 0 and d <= limit
+    )
+
+
 def population_apply(
     model: Pretrained | Net,
     masks: Mapping,
     x: jax.Array,
     *,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = "auto",
 ) -> jax.Array:
     """Outputs ``(P, B, out)`` for a population of masks (every leaf has a leading
     population axis ``P``).
 
     Args:
         chunk_size: evaluate this many individuals at a time (``jax.lax.map``) to
-            bound memory; ``None`` evaluates all at once (structured masks) or one
-            chunk of up to 8 (unstructured kernel masks).
+            bound memory; ``"auto"`` picks it from the activation sizes (see
+            :func:`auto_chunk_size`); ``None`` evaluates all at once (structured
+            masks) or in chunks of up to 8 (unstructured kernel masks).
     """
     net = _net(model)
     kind = mask_kind(net, masks)
@@ -90,6 +112,8 @@ def population_apply(
     if len(pop) != 1:
         raise MaskError(f"mask leaves disagree on the population size: {sorted(pop)}")
     (p,) = pop
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(net, p, x.shape[0])
     if kind == "units":
 
         def run(chunk):
