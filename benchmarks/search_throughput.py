@@ -44,7 +44,7 @@ def engine_rate(strategy, problem, generations, chunk):
                         chunk=chunk)
     run_s = result.seconds - result.compile_seconds
     return {"seconds_per_generation": run_s / generations,
-            "evals_per_second": generations * strategy.population_size / run_s,
+            "evals_per_second": result.evaluations / run_s,
             "compile_seconds": result.compile_seconds}
 
 

@@ -263,17 +263,22 @@ def run(
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     t0 = time.perf_counter()
-    state = jax.jit(
-        lambda k: init(
-            strategy, problem, k, generations, center=center, noise=noise, mesh=mesh
+    start = (
+        jax.jit(
+            lambda k: init(
+                strategy, problem, k, generations, center=center, noise=noise, mesh=mesh
+            )
         )
-    )(key)
+        .lower(key)
+        .compile()
+    )
+    compile_seconds = time.perf_counter() - t0
+    state = start(key)
     if resume and checkpointer is not None:
         restored = checkpointer.restore(state)
         if restored is not None:
             state = restored
     jax.block_until_ready(state)
-    compile_seconds = 0.0
     chunks: dict[int, Callable] = {}
     done = int(state.generation)
     n_chunks = 0
