@@ -450,18 +450,31 @@ class Net(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, *, keep_population_axis: bool = False
+        self,
+        x: jax.Array,
+        *,
+        keep_population_axis: bool = False,
+        taps: tuple[str, ...] = (),
     ) -> jax.Array:
         """Forward pass on a batch ``x`` of shape ``(B, *input_shape)``.
 
         With population masks of leading size ``P`` the result has shape
         ``(P, B, outputs)`` (``keep_population_axis`` is then implied).
+
+        ``taps`` (node names) also returns those nodes' outputs: the result is then
+        ``(outputs, {name: value})`` with values of shape ``(B, *node.shape)``, or
+        ``(P, B, *node.shape)`` with population masks (or ``keep_population_axis``).
+        The outputs are the same as without taps. Data-free probes and fitness
+        metrics use it to read BatchNorm inputs and feature maps.
         """
         if x.shape[1:] != self.input_shape:
             raise ValueError(
                 f"input shape {x.shape[1:]} does not match the model's "
                 f"{self.input_shape}"
             )
+        unknown = sorted(set(taps) - {n.name for n in self.nodes})
+        if unknown:
+            raise ValueError(f"taps name unknown node(s) {unknown}")
         pop = self.population_size()
         batch = x.shape[0]
         vals: dict[str, jax.Array] = {}
@@ -501,7 +514,17 @@ class Net(nnx.Module):
             out = fold(self.nodes[-1].name).reshape(pop, batch, -1)
         elif keep_population_axis:
             out = out[None]
-        return out
+        if not taps:
+            return out
+        tapped = {}
+        for t in taps:
+            v = vals[t]
+            if pop is not None:
+                v = fold(t).reshape(pop, batch, *v.shape[1:])
+            elif keep_population_axis:
+                v = v[None]
+            tapped[t] = v
+        return out, tapped
 
     def _apply(self, n: Node, x: jax.Array) -> jax.Array:
         op = n.op

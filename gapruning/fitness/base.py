@@ -1,0 +1,162 @@
+"""The metric protocol, the registry, and what every metric shares.
+
+A metric is a pure function ``fn(cache, pruned_apply, masks, probes) -> scalar``
+for ONE individual (``masks``: group -> ``(units,)`` 0/1 array, or layer ->
+kernel-shaped array for unstructured masks), lower is better; ``compose`` vmaps it
+over the population. ``cache`` holds everything that does not depend on the mask
+(the dense model's outputs on the probes, its interval bounds, its spectral
+norms...), made once by the metric's ``prepare(pretrained, probes, **params)``.
+``pruned_apply`` is a :class:`PrunedApply`: ``pruned_apply(masks, x)`` gives the
+masked network's outputs, ``pruned_apply.taps(masks, x, names)`` also returns
+intermediate tensors, ``pruned_apply.net`` is the (dense) network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ..forward import _with_kernel_masks, _with_unit_masks, mask_kind
+from ..models import Net
+from ..zoo import Pretrained
+
+
+class FitnessError(ValueError):
+    """A metric cannot be used as asked (unknown name, missing BatchNorm...)."""
+
+
+class PrunedApply:
+    """Forward passes of the network under one individual's masks.
+
+    Args:
+        net: the dense :class:`~gapruning.models.Net` (weights are shared, never
+            copied per individual: masks act on activations).
+    """
+
+    def __init__(self, net: Net):
+        self.net = net
+
+    def model(self, masks: Mapping) -> Net:
+        """The network with ``masks`` applied (a view sharing the weights)."""
+        if mask_kind(self.net, masks) == "units":
+            return _with_unit_masks(self.net, masks)
+        return _with_kernel_masks(self.net, masks)
+
+    def __call__(self, masks: Mapping, x: jax.Array) -> jax.Array:
+        """Outputs ``(B, classes)`` of the masked network on ``x``."""
+        return self.model(masks)(x)
+
+    def taps(self, masks: Mapping, x: jax.Array, names: tuple[str, ...]):
+        """``(outputs, {name: tensor})`` of the masked network on ``x``."""
+        return self.model(masks)(x, taps=tuple(names))
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A registered metric.
+
+    Attributes:
+        name: registry key.
+        fn: ``fn(cache, pruned_apply, masks, probes, **params) -> scalar``.
+        prepare: ``prepare(pretrained, probes, **params) -> cache`` (mask-free work,
+            done once when composing); ``None``: the cache is ``{}``.
+        description: one line for ``gapruning list``.
+        defaults: default keyword parameters (shared by ``prepare`` and ``fn``).
+        needs_probes: whether the metric looks at probes at all.
+        unit_masks_only: structured (group) masks only.
+        degrades_with_pruning: ``True`` for quality metrics: 0 for the unpruned
+            network (their minimum) and larger the more damage; ``False`` for
+            costs, which fall as units are removed (1.0 for the unpruned network).
+    """
+
+    name: str
+    fn: Callable[..., jax.Array]
+    prepare: Callable[..., Any] | None
+    description: str
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    needs_probes: bool = True
+    unit_masks_only: bool = False
+    degrades_with_pruning: bool = True
+
+    def params(self, **overrides) -> dict:
+        unknown = sorted(set(overrides) - set(self.defaults))
+        if unknown:
+            raise FitnessError(
+                f"metric {self.name!r} has no parameter(s) {unknown}; its "
+                f"parameters are {sorted(self.defaults) or 'none'}"
+            )
+        return {**self.defaults, **overrides}
+
+    def build(self, pretrained: Pretrained, probes, **overrides):
+        """``(cache, fn4)``: the mask-free cache and the 4-argument metric."""
+        params = self.params(**overrides)
+        cache = (
+            {} if self.prepare is None else self.prepare(pretrained, probes, **params)
+        )
+        return cache, functools.partial(self.fn, **params)
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(
+    name: str,
+    fn: Callable[..., jax.Array],
+    prepare: Callable[..., Any] | None = None,
+    *,
+    description: str = "",
+    defaults: Mapping[str, Any] | None = None,
+    needs_probes: bool = True,
+    unit_masks_only: bool = False,
+    degrades_with_pruning: bool = True,
+    overwrite: bool = False,
+) -> Metric:
+    """Adds a metric to :data:`METRICS` (see :class:`Metric` for the arguments).
+
+    Example:
+        >>> def l2(cache, pruned_apply, masks, probes):
+        ...     return jnp.mean((pruned_apply(masks, probes) - cache["dense"]) ** 2)
+        >>> register_metric("l2", l2, lambda net, x: {"dense": net.model(x)},
+        ...                 description="mean squared logit error")
+    """
+    if name in METRICS and not overwrite:
+        raise FitnessError(f"metric {name!r} is already registered")
+    if not description:
+        doc = (fn.__doc__ or "").strip()
+        description = doc.splitlines()[0] if doc else name
+    metric = Metric(
+        name,
+        fn,
+        prepare,
+        description,
+        dict(defaults or {}),
+        needs_probes,
+        unit_masks_only,
+        degrades_with_pruning,
+    )
+    METRICS[name] = metric
+    return metric
+
+
+def dense_logits(pretrained: Pretrained, probes, batch_size: int = 1024):
+    """The dense model's outputs on the probes (checked to be finite)."""
+    net = pretrained.model if isinstance(pretrained, Pretrained) else pretrained
+    out = jnp.concatenate(
+        [net(probes[i : i + batch_size]) for i in range(0, len(probes), batch_size)]
+    )
+    if not bool(jnp.all(jnp.isfinite(out))):
+        raise FitnessError(
+            "the dense model gives NaN/Inf outputs on the probes; check its "
+            "weights and the probes' range"
+        )
+    return out
+
+
+def finite_or_inf(value: jax.Array) -> jax.Array:
+    """``value`` where finite, else ``+inf`` (never NaN)."""
+    return jnp.where(jnp.isfinite(value), value, jnp.inf)

@@ -1,0 +1,322 @@
+"""Composing metrics into one population fitness ``fit(masks_batch) -> (P,)``.
+
+``compose`` makes the probes, runs every metric's mask-free preparation once (dense
+outputs, dense interval bounds, dense spectral norms...), and returns a
+:class:`Fitness`: a pure, traceable function of the masks, vmapped over the
+population, safe to call inside ``jax.jit`` and ``jax.lax.scan`` (no host
+callbacks, no Python per individual). The total is ``sum_i w_i * metric_i / s_i``
+(``s_i = 1``, or with ``normalize`` the term's mean over random half-pruned
+masks); an individual whose outputs on the probes or whose total is NaN/Inf
+scores ``+inf``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..encoding import Budget, UnitEncoding
+from ..forward import mask_kind
+from ..probes import batchnorm_nodes, make_probes, validate_probes
+from ..space import MaskError
+from ..zoo import Pretrained
+from .base import METRICS, FitnessError, PrunedApply, dense_logits
+
+# The composite ``gp.prune`` uses (``compose(net, "default")``, normalized), chosen
+# on the measured Spearman correlations of benchmarks/fitness_correlation.py
+# (README, "Which data-free signal to trust"): top-1 disagreement and KL on the
+# probes track accuracy, the Lipschitz term adds a probe-free view of how much of
+# each layer's gain survives, and the three disagree on different masks.
+DEFAULT_SPEC: dict[str, Any] = {
+    "fidelity_top1": 1.0,
+    "fidelity": {"weight": 0.5, "temperature": 1.0},
+    "lipschitz": 1.0,
+}
+# normalization: each term divided by its mean over this many random masks that
+# remove CALIBRATION_TARGET of the units (drawn with the compose seed)
+CALIBRATION_MASKS = 16
+CALIBRATION_TARGET = 0.5
+# Probes ``probes="auto"`` makes: BatchNorm statistics when the network has them.
+DEFAULT_PROBES_BN = "bn_stats"
+DEFAULT_PROBES_NO_BN = "inversion"
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One weighted metric of a composite: ``label`` -> ``weight * metric(params)``."""
+
+    label: str
+    metric: str
+    weight: float
+    params: Mapping[str, Any]
+
+
+def parse_spec(spec) -> tuple[Term, ...]:
+    """Turns ``"default"``, a metric name, or ``{label: weight | {weight, metric,
+    **params}}`` into terms. ``metric`` defaults to the label."""
+    if isinstance(spec, str):
+        spec = DEFAULT_SPEC if spec == "default" else {spec: 1.0}
+    if not isinstance(spec, Mapping) or not spec:
+        raise FitnessError(
+            "fitness spec must be 'default', a metric name, or a non-empty dict "
+            f"{{metric: weight}}; got {spec!r}"
+        )
+    terms = []
+    for label, value in spec.items():
+        if isinstance(value, Mapping):
+            params = dict(value)
+            weight = params.pop("weight", 1.0)
+            metric = params.pop("metric", label)
+        else:
+            weight, metric, params = value, label, {}
+        if metric not in METRICS:
+            raise FitnessError(
+                f"unknown metric {metric!r}; known: {', '.join(sorted(METRICS))}"
+            )
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise FitnessError(f"weight of {label!r} must be a number") from None
+        if not np.isfinite(weight):
+            raise FitnessError(f"weight of {label!r} must be finite, got {weight}")
+        METRICS[metric].params(**params)  # unknown parameters fail here
+        terms.append(Term(str(label), metric, weight, params))
+    return tuple(terms)
+
+
+def _needs_probes(term: Term) -> bool:
+    m = METRICS[term.metric]
+    return m.needs_probes or m.params(**term.params).get("region") == "probes"
+
+
+class Fitness:
+    """A composed population fitness (lower is better). Build with :func:`compose`.
+
+    Attributes:
+        pretrained: the dense model.
+        probes: the probe set (model input space), or ``None`` if unused.
+        probe_kind: how the probes were made ("gaussian", ..., "array", None).
+        terms: the weighted metrics.
+    """
+
+    def __init__(
+        self, pretrained, terms, probes, probe_kind, chunk_size, normalize, seed
+    ):
+        self.pretrained = pretrained
+        self.terms = terms
+        self.probes = probes
+        self.probe_kind = probe_kind
+        self.chunk_size = chunk_size
+        self._apply = PrunedApply(pretrained.model)
+        self._fns: list[tuple[Term, Any, Callable]] = []
+        for term in terms:
+            cache, fn = METRICS[term.metric].build(pretrained, probes, **term.params)
+            self._fns.append((term, cache, fn))
+        self._batched_components = jax.jit(self._batch_components)
+        self.scales = {t.label: 1.0 for t in terms}
+        if normalize:
+            self.scales = self._calibrate(seed)
+        self._batched = jax.jit(self._batch)
+
+    def _calibrate(self, seed: int) -> dict[str, float]:
+        """Mean of each term over random masks removing half the units."""
+        space = self.pretrained.space
+        if not space.groups:
+            raise FitnessError("normalize needs a network with prunable groups")
+        enc = UnitEncoding(space, Budget("units", CALIBRATION_TARGET))
+        key = jax.random.fold_in(jax.random.key(seed), 0x5CA1E)
+        genomes = jax.random.normal(key, (CALIBRATION_MASKS, enc.num_genes))
+        masks = jax.vmap(enc.decode)(genomes)
+        values = self._batched_components(self._prepare_masks(masks))
+        scales = {}
+        for label, v in values.items():
+            v = np.asarray(v, np.float64)
+            mean = float(np.mean(v[np.isfinite(v)])) if np.isfinite(v).any() else 0
+            scales[label] = mean if mean > 0 else 1.0
+        return scales
+
+    # -------------------------------------------------------------- one individual
+
+    def _consts(self):
+        """Probes and caches behind an optimization barrier: inside ``jit`` they
+        are constants, and XLA would otherwise spend minutes constant-folding the
+        mask-free part of the forward passes (measured: 47 s for FGSM on 128
+        probes through LeNet-5)."""
+        return jax.lax.optimization_barrier(
+            (self.probes, [cache for _, cache, _ in self._fns])
+        )
+
+    def _values(self, masks) -> dict[str, jax.Array]:
+        probes, caches = self._consts()
+        return {
+            term.label: jnp.asarray(fn(cache, self._apply, masks, probes))
+            for (term, _, fn), cache in zip(self._fns, caches, strict=True)
+        }
+
+    def _finite_outputs(self, masks) -> jax.Array:
+        if self.probes is None:
+            return jnp.array(True)
+        probes, _ = self._consts()
+        return jnp.all(jnp.isfinite(self._apply(masks, probes)))
+
+    def single(self, masks: Mapping) -> jax.Array:
+        """The fitness of one individual (masks without a population axis)."""
+        values = self._values(masks)
+        total = sum(
+            (
+                term.weight / self.scales[term.label] * values[term.label]
+                for term, _, _ in self._fns
+                if term.weight != 0
+            ),
+            jnp.zeros((), jnp.float32),
+        )
+        ok = self._finite_outputs(masks) & jnp.isfinite(total)
+        return jnp.where(ok, total, jnp.inf)
+
+    # -------------------------------------------------------------- population
+
+    def _prepare_masks(self, masks: Mapping) -> dict:
+        if not isinstance(masks, Mapping):
+            raise MaskError(f"masks must be a dict of arrays, got {type(masks)}")
+        kind = mask_kind(self.pretrained.model, masks)
+        if kind == "units":
+            self.pretrained.space.validate(masks, allow_empty=True, population=True)
+        else:
+            only = [t.metric for t in self.terms if METRICS[t.metric].unit_masks_only]
+            if only:
+                raise FitnessError(
+                    f"metric(s) {only} need structured (group) masks, not kernel masks"
+                )
+            for name, m in masks.items():
+                want = tuple(self.pretrained.model.layers[name].kernel[...].shape)
+                if tuple(jnp.shape(m)[1:]) != want:
+                    raise MaskError(
+                        f"kernel mask {name!r} has shape {jnp.shape(m)}, "
+                        f"expected (P, {', '.join(map(str, want))})"
+                    )
+        sizes = {int(jnp.shape(m)[0]) for m in masks.values()}
+        if len(sizes) != 1:
+            raise MaskError(f"mask leaves disagree on the population size: {sizes}")
+        return {k: jnp.asarray(v).astype(jnp.float32) for k, v in masks.items()}
+
+    def _map(self, fn, masks):
+        p = next(iter(masks.values())).shape[0]
+        if self.chunk_size is None or self.chunk_size >= p:
+            return jax.vmap(fn)(masks)
+        if p % self.chunk_size:
+            raise MaskError(
+                f"population {p} is not a multiple of chunk_size {self.chunk_size}"
+            )
+        chunks = jax.tree.map(
+            lambda m: m.reshape(p // self.chunk_size, self.chunk_size, *m.shape[1:]),
+            masks,
+        )
+        out = jax.lax.map(jax.vmap(fn), chunks)
+        return jax.tree.map(lambda v: v.reshape(p, *v.shape[2:]), out)
+
+    def _batch(self, masks):
+        return self._map(self.single, masks)
+
+    def _batch_components(self, masks):
+        return self._map(self._values, masks)
+
+    def __call__(self, masks_batch: Mapping) -> jax.Array:
+        """Fitness ``(P,)`` of a population (every mask leaf has a leading ``P``)."""
+        return self._batched(self._prepare_masks(masks_batch))
+
+    def components(self, masks_batch: Mapping) -> dict[str, jax.Array]:
+        """Each term's raw value (unweighted, not normalized), ``{label: (P,)}``."""
+        return self._batched_components(self._prepare_masks(masks_batch))
+
+    def describe(self) -> dict:
+        """The terms, weights, parameters and probes of this fitness."""
+        return {
+            "terms": [
+                {
+                    "label": t.label,
+                    "metric": t.metric,
+                    "weight": t.weight,
+                    "params": METRICS[t.metric].params(**t.params),
+                    "scale": self.scales[t.label],
+                }
+                for t in self.terms
+            ],
+            "probes": self.probe_kind,
+            "num_probes": None if self.probes is None else int(len(self.probes)),
+        }
+
+    def __repr__(self) -> str:
+        inner = " + ".join(f"{t.weight:g}*{t.label}" for t in self.terms)
+        return f"Fitness({inner}; probes={self.probe_kind})"
+
+
+def compose(
+    net: Pretrained,
+    spec="default",
+    *,
+    probes="auto",
+    num_probes: int = 512,
+    seed: int = 0,
+    probe_options: Mapping[str, Any] | None = None,
+    chunk_size: int | None = None,
+    normalize: bool | None = None,
+) -> Fitness:
+    """Builds a population fitness from weighted metrics.
+
+    Args:
+        net: the dense pretrained model.
+        spec: ``"default"`` (:data:`DEFAULT_SPEC`), a metric name, or
+            ``{label: weight}`` / ``{label: {"weight": w, "metric": name,
+            **params}}`` over :data:`~gapruning.fitness.METRICS`.
+        probes: a probe kind (``"gaussian"``, ``"uniform"``, ``"bn_stats"``,
+            ``"inversion"``), ``"auto"`` (``bn_stats`` with BatchNorm, else
+            ``inversion``), or an array of unlabeled model inputs.
+        num_probes: number of probes to make.
+        seed: probe randomness.
+        probe_options: extra keyword arguments of :func:`~gapruning.make_probes`.
+        chunk_size: evaluate the population this many individuals at a time.
+        normalize: divide each term by its mean over random half-pruned masks
+            (``CALIBRATION_MASKS`` of them, drawn from ``seed``; mask-free, done
+            once), so weights compare terms of different units. Default: on for
+            ``"default"``, off otherwise.
+
+    Returns:
+        A :class:`Fitness`; ``fit(masks_batch)`` gives ``(P,)``, lower is better.
+
+    Example:
+        >>> fit = compose(gp.load("lenet300-fmnist"), {"fidelity": 1.0,
+        ...               "robustness": 0.5}, probes="gaussian", num_probes=256)
+        >>> fit({g: jnp.ones((4, s)) for g, s in zip(
+        ...     fit.pretrained.space.group_names, fit.pretrained.space.sizes)})
+        Array([0., 0., 0., 0.], dtype=float32)
+    """
+    if not isinstance(net, Pretrained):
+        raise TypeError(f"compose needs a gapruning Pretrained, got {type(net)}")
+    terms = parse_spec(spec)
+    if any(t.metric == "bn_drift" for t in terms) and not batchnorm_nodes(net):
+        raise FitnessError(
+            f"metric 'bn_drift' needs BatchNorm layers; {net.name} has none"
+        )
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise FitnessError(f"chunk_size must be positive, got {chunk_size}")
+    x, kind = None, None
+    if any(_needs_probes(t) for t in terms):
+        if isinstance(probes, str):
+            kind = probes
+            if probes == "auto":
+                kind = (
+                    DEFAULT_PROBES_BN if batchnorm_nodes(net) else DEFAULT_PROBES_NO_BN
+                )
+            x = make_probes(net, kind, num_probes, seed, **dict(probe_options or {}))
+        else:
+            x, kind = validate_probes(net, probes), "array"
+        dense_logits(net, x)  # fails early on a dense model giving NaN/Inf
+    if normalize is None:
+        normalize = isinstance(spec, str) and spec == "default"
+    chunk = None if chunk_size is None else int(chunk_size)
+    return Fitness(net, terms, x, kind, chunk, bool(normalize), int(seed))
