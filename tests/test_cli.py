@@ -69,8 +69,15 @@ def test_eval_prints_a_table():
 def test_list_shows_architectures_and_shipped_models():
     r = run("list")
     assert r.returncode == 0
-    for name in ("lenet300", "resnet56", "lenet300-fmnist", "ga", "random",
-                 "evosax:<Name>", "fidelity"):
+    for name in (
+        "lenet300",
+        "resnet56",
+        "lenet300-fmnist",
+        "ga",
+        "random",
+        "evosax:<Name>",
+        "fidelity",
+    ):
         assert name in r.stdout
 
 

@@ -6,8 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gapruning as gp
-from gapruning.encoding import Budget, BudgetDecoder, ProfileEncoding, UnitEncoding
-from gapruning.encoding import WeightEncoding, l1_unit_scores
+from gapruning.encoding import (
+    Budget,
+    BudgetDecoder,
+    ProfileEncoding,
+    UnitEncoding,
+    WeightEncoding,
+    l1_unit_scores,
+)
 from gapruning.space import MaskError
 
 
