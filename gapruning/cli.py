@@ -381,7 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-group", action="store_true", help="same ratio in every group"
     )
     pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--chunk", type=int, default=10, help="generations per jitted scan")
+    pr.add_argument(
+        "--chunk",
+        type=int,
+        help="generations per jitted scan (default: 1 on CPU, 10 on accelerators)",
+    )
     pr.add_argument(
         "--checkpoint-every",
         type=int,
