@@ -25,8 +25,12 @@ def timeit(fn, *args, repeats: int = 5, warmup: int = 1) -> dict:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times),
-            "max_s": max(times), "repeats": repeats}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": repeats,
+    }
 
 
 def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gapruning as gp  # noqa: E402
 from common import machine, matmul_flops_per_second, timeit, write  # noqa: E402
+
+import gapruning as gp  # noqa: E402
 from gapruning.encoding import Budget, UnitEncoding  # noqa: E402
 from gapruning.forward import auto_chunk_size  # noqa: E402
 
@@ -45,15 +46,20 @@ def bench_population(net, pops, num_probes, repeats):
         masks = jax.vmap(enc.decode)(genomes)
         one = [{k: v[i] for k, v in masks.items()} for i in range(p)]
         t_vmap = timeit(batched, masks, x, repeats=repeats)
-        t_loop = timeit(lambda: [single(m, x) for m in one], repeats=repeats)
+        t_loop = timeit(lambda one=one: [single(m, x) for m in one], repeats=repeats)
         # FLOPs the P individuals represent (each a full masked forward pass)
         flops = 2 * net.space.dense_flops * num_probes * p
-        rows.append({"P": p, "chunk": auto_chunk_size(net, p, num_probes),
-                     "vmapped_s": t_vmap["median_s"],
-                     "loop_s": t_loop["median_s"],
-                     "speedup": t_loop["median_s"] / t_vmap["median_s"],
-                     "flop_per_s": flops / t_vmap["median_s"],
-                     "spread_vmapped_s": [t_vmap["min_s"], t_vmap["max_s"]]})
+        rows.append(
+            {
+                "P": p,
+                "chunk": auto_chunk_size(net, p, num_probes),
+                "vmapped_s": t_vmap["median_s"],
+                "loop_s": t_loop["median_s"],
+                "speedup": t_loop["median_s"] / t_vmap["median_s"],
+                "flop_per_s": flops / t_vmap["median_s"],
+                "spread_vmapped_s": [t_vmap["min_s"], t_vmap["max_s"]],
+            }
+        )
     return rows
 
 
@@ -63,10 +69,14 @@ def bench_compacted(net, batch, repeats):
     out = {"dense_s": timeit(dense, x, repeats=repeats)["median_s"]}
     for target in (0.5, 0.8):
         enc = UnitEncoding(net.space, Budget("units", target, per_group=True))
-        masks = enc.decode(jnp.asarray(gp.encoding.l1_unit_scores(net.model, net.space)))
+        masks = enc.decode(
+            jnp.asarray(gp.encoding.l1_unit_scores(net.model, net.space))
+        )
         small = gp.compact(net, masks)
         f = jax.jit(lambda x, m=small.model: m(x))
-        out[f"removed_{int(target * 100)}_s"] = timeit(f, x, repeats=repeats)["median_s"]
+        out[f"removed_{int(target * 100)}_s"] = timeit(f, x, repeats=repeats)[
+            "median_s"
+        ]
         out[f"removed_{int(target * 100)}_params"] = gp.param_count(small)
     return out
 
@@ -81,8 +91,12 @@ def main():
     plan = {"lenet300": (8, 32, 128), "lenet5": (8, 32, 128), "resnet20": (8, 32)}
     if args.quick:
         plan = {"lenet300": (8, 32), "lenet5": (8,)}
-    results = {"machine": machine(), "matmul_flop_per_s": matmul,
-               "num_probes": num_probes, "models": {}}
+    results = {
+        "machine": machine(),
+        "matmul_flop_per_s": matmul,
+        "num_probes": num_probes,
+        "models": {},
+    }
     for name, pops in plan.items():
         net = model(name)
         results["models"][name] = {
@@ -112,15 +126,24 @@ def main():
                 f"| {name} | {row['P']} | {row['chunk']} | {row['vmapped_s']:.4f} | "
                 f"{row['loop_s']:.4f} | "
                 f"{row['speedup']:.2f}x | {row['flop_per_s'] / 1e9:.1f} | "
-                f"{row['flop_per_s'] / matmul:.0%} |")
-    lines += ["", "| model | dense (s) | 50% units removed (s) | 80% removed (s) |",
-              "| --- | ---: | ---: | ---: |"]
+                f"{row['flop_per_s'] / matmul:.0%} |"
+            )
+    lines += [
+        "",
+        "| model | dense (s) | 50% units removed (s) | 80% removed (s) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, r in results["models"].items():
         c = r["compacted_latency_batch_512"]
-        lines.append(f"| {name} | {c['dense_s']:.4f} | {c['removed_50_s']:.4f} | "
-                     f"{c['removed_80_s']:.4f} |")
-    write("population_forward" + ("_quick" if args.quick else ""), results,
-          "\n".join(lines) + "\n")
+        lines.append(
+            f"| {name} | {c['dense_s']:.4f} | {c['removed_50_s']:.4f} | "
+            f"{c['removed_80_s']:.4f} |"
+        )
+    write(
+        "population_forward" + ("_quick" if args.quick else ""),
+        results,
+        "\n".join(lines) + "\n",
+    )
 
 
 if __name__ == "__main__":

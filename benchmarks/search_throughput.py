@@ -23,29 +23,35 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gapruning as gp  # noqa: E402
 from common import machine, write  # noqa: E402
+
+import gapruning as gp  # noqa: E402
 from gapruning import search  # noqa: E402
 from gapruning.encoding import Budget, UnitEncoding  # noqa: E402
 
 
 def problem_for(net, fitness):
     enc = UnitEncoding(net.space, Budget("units", 0.7))
-    return enc, search.Problem(enc.decode, fitness,
-                               lambda m: net.space.flat(m).astype(jnp.float32).mean(),
-                               enc.encode)
+    return enc, search.Problem(
+        enc.decode,
+        fitness,
+        lambda m: net.space.flat(m).astype(jnp.float32).mean(),
+        enc.encode,
+    )
 
 
 def engine_rate(strategy, problem, generations, chunk):
-    result = search.run(strategy, problem, jax.random.PRNGKey(0), generations,
-                        chunk=chunk)
+    result = search.run(
+        strategy, problem, jax.random.PRNGKey(0), generations, chunk=chunk
+    )
     run_s = result.seconds - result.compile_seconds
-    return {"seconds_per_generation": run_s / generations,
-            "evals_per_second": result.evaluations / run_s,
-            "compile_seconds": result.compile_seconds}
+    return {
+        "seconds_per_generation": run_s / generations,
+        "evals_per_second": result.evaluations / run_s,
+        "compile_seconds": result.compile_seconds,
+    }
 
 
 def loop_rate(strategy, problem, fitness, generations):
@@ -65,8 +71,10 @@ def loop_rate(strategy, problem, fitness, generations):
         s = tell(k2, genomes, fit, s)
     jax.block_until_ready(s)
     dt = time.perf_counter() - t0
-    return {"seconds_per_generation": dt / generations,
-            "evals_per_second": generations * strategy.population_size / dt}
+    return {
+        "seconds_per_generation": dt / generations,
+        "evals_per_second": generations * strategy.population_size / dt,
+    }
 
 
 def main():
@@ -74,15 +82,29 @@ def main():
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     lenet = gp.load("lenet300-fmnist")
-    resnet = gp.Pretrained(gp.models.build("resnet20"), {"name": "resnet20 (random init)"})
+    resnet = gp.Pretrained(
+        gp.models.build("resnet20"), {"name": "resnet20 (random init)"}
+    )
     plan = [
-        ("lenet300-fmnist", lenet, {"spec": "default", "num_probes": 512}, (16, 64, 256), 10),
-        ("resnet20", resnet, {"spec": "fidelity", "probes": "gaussian", "num_probes": 64},
-         (16, 64, 256), 2),
+        (
+            "lenet300-fmnist",
+            lenet,
+            {"spec": "default", "num_probes": 512},
+            (16, 64, 256),
+            10,
+        ),
+        (
+            "resnet20",
+            resnet,
+            {"spec": "fidelity", "probes": "gaussian", "num_probes": 64},
+            (16, 64, 256),
+            2,
+        ),
     ]
     if args.quick:
-        plan = [("lenet300-fmnist", lenet, {"spec": "default", "num_probes": 128},
-                 (16,), 3)]
+        plan = [
+            ("lenet300-fmnist", lenet, {"spec": "default", "num_probes": 128}, (16,), 3)
+        ]
     rows = []
     for name, net, fit_kw, pops, generations in plan:
         spec = fit_kw.pop("spec")
@@ -93,14 +115,22 @@ def main():
             scan = engine_rate(strategy, problem, generations, chunk=generations)
             hop = engine_rate(strategy, problem, generations, chunk=1)
             loop = loop_rate(strategy, problem, fitness, generations)
-            rows.append({
-                "model": name, "fitness": repr(fitness), "P": p,
-                "generations": generations, "engine": scan, "engine_chunk1": hop,
-                "loop": loop,
-                "speedup_vs_loop": scan["evals_per_second"] / loop["evals_per_second"],
-                "host_overhead": hop["seconds_per_generation"]
-                / scan["seconds_per_generation"] - 1,
-            })
+            rows.append(
+                {
+                    "model": name,
+                    "fitness": repr(fitness),
+                    "P": p,
+                    "generations": generations,
+                    "engine": scan,
+                    "engine_chunk1": hop,
+                    "loop": loop,
+                    "speedup_vs_loop": scan["evals_per_second"]
+                    / loop["evals_per_second"],
+                    "host_overhead": hop["seconds_per_generation"]
+                    / scan["seconds_per_generation"]
+                    - 1,
+                }
+            )
             print(rows[-1], flush=True)
     info = machine()
     lines = [
@@ -122,10 +152,13 @@ def main():
             f"| {r['model']} | {r['P']} | {e['evals_per_second']:.0f} | "
             f"{e['seconds_per_generation']:.3f} | {e['compile_seconds']:.1f} | "
             f"{r['loop']['evals_per_second']:.0f} | {r['speedup_vs_loop']:.1f}x | "
-            f"{r['host_overhead']:+.1%} |")
-    write("search_throughput" + ("_quick" if args.quick else ""),
-          {"machine": info, "rows": rows}, "\n".join(lines) + "\n")
-
+            f"{r['host_overhead']:+.1%} |"
+        )
+    write(
+        "search_throughput" + ("_quick" if args.quick else ""),
+        {"machine": info, "rows": rows},
+        "\n".join(lines) + "\n",
+    )
 
 
 if __name__ == "__main__":
