@@ -36,3 +36,17 @@ def zoo_net(request):
 @pytest.fixture
 def batch():
     return jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
+
+
+@pytest.fixture
+def no_datasets():
+    """Makes every dataset reader raise during the test."""
+    from gapruning import data
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a dataset was opened during data-free work")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("fashion_mnist", "read_idx", "load_dataset"):
+            mp.setattr(data, name, forbidden)
+        yield

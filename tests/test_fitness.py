@@ -20,18 +20,8 @@ from gapruning.fitness.interval import impact_bounds, propagate_bounds
 NUM_PROBES = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_datasets():
-    """Every test in this module runs with the dataset readers raising: probes and
-    fitness are data-free by construction, not by convention."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a dataset was opened during data-free work")
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("fashion_mnist", "read_idx", "load_dataset"):
-            mp.setattr(gp.data, name, forbidden)
-        yield
+# probes and fitness are data-free by construction, not by convention
+pytestmark = pytest.mark.usefixtures("no_datasets")
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,8 @@ from fitness_nets import tiny_bn
 import gapruning as gp
 from gapruning import probes as P
 
-
-@pytest.fixture(scope="module", autouse=True)
-def no_datasets():
-    """Every test in this module runs with the dataset readers raising: probes and
-    fitness are data-free by construction, not by convention."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a dataset was opened during data-free work")
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("fashion_mnist", "read_idx", "load_dataset"):
-            mp.setattr(gp.data, name, forbidden)
-        yield
+# probes and fitness are data-free by construction, not by convention
+pytestmark = pytest.mark.usefixtures("no_datasets")
 
 
 @pytest.fixture(scope="module")

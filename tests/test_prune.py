@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import gapruning as gp
-from gapruning import cli, data
+from gapruning import cli
 
 
 @pytest.fixture(scope="module")
@@ -66,37 +66,21 @@ def test_prune_meets_the_budget_and_compacts(lenet300, budget, target):
 
 def test_prune_is_reproducible_and_seed_dependent(lenet300):
     fit = _kl_fitness(lenet300)
-    a = gp.prune(
-        lenet300,
-        "ga",
-        0.7,
-        fitness=fit,
-        generations=3,
-        population=8,
-        progress=False,
-        seed=1,
-    )
-    b = gp.prune(
-        lenet300,
-        "ga",
-        0.7,
-        fitness=fit,
-        generations=3,
-        population=8,
-        progress=False,
-        seed=1,
-    )
-    c = gp.prune(
-        lenet300,
-        "ga",
-        0.7,
-        fitness=fit,
-        generations=3,
-        population=8,
-        progress=False,
-        seed=2,
-        init=None,
-    )
+
+    def run(seed, init="l1"):
+        return gp.prune(
+            lenet300,
+            "ga",
+            0.7,
+            fitness=fit,
+            generations=3,
+            population=8,
+            progress=False,
+            seed=seed,
+            init=init,
+        )
+
+    a, b, c = run(1), run(1), run(2, init=None)
     for g in a.masks:
         np.testing.assert_array_equal(a.masks[g], b.masks[g])
     assert any(not np.array_equal(a.masks[g], c.masks[g]) for g in a.masks)
@@ -117,14 +101,8 @@ def test_profile_encoding_with_an_evosax_strategy(lenet300):
 
 
 def test_prune_with_the_default_data_free_fitness_never_reads_data(
-    monkeypatch, lenet300
+    no_datasets, lenet300
 ):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("prune read a dataset")
-
-    monkeypatch.setattr(data, "fashion_mnist", forbidden)
-    monkeypatch.setattr(data, "read_idx", forbidden)
-    monkeypatch.setattr(data, "load_dataset", forbidden)
     result = gp.prune(
         lenet300,
         "ga",
