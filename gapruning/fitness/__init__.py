@@ -5,7 +5,7 @@
 population fitness ``fit(masks_batch) -> (P,)``. One module per metric family:
 
 =================  ===========================================================
-fidelity*          dense vs pruned outputs on probes (KL, top-1, logit MSE)
+fidelity*          dense vs pruned on probes (KL, top-1, logit MSE, features)
 robustness         extra FGSM/PGD prediction change on probes (Paoding's goal)
 interval*          Paoding's interval-arithmetic impact score, interval width
 lipschitz          loss of the product of per-layer spectral norms

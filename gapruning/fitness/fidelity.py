@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .base import dense_logits, register_metric
+from .base import FitnessError, dense_logits, register_metric
 
 
 def _prepare(pretrained, probes, **_):
@@ -58,6 +58,44 @@ def logit_mse(cache, pruned_apply, masks, probes):
     return jnp.mean((zp - cache["logits"]) ** 2)
 
 
+def _feature_tensors(net) -> tuple[str, ...]:
+    """Inputs of every Dense/Conv layer except those reading the network input."""
+    first = net.nodes[0].name
+    return tuple(
+        dict.fromkeys(
+            n.inputs[0]
+            for n in net.nodes
+            if n.op in ("dense", "conv") and n.inputs[0] != first
+        )
+    )
+
+
+def _prepare_features(pretrained, probes, max_probes=128):
+    net = pretrained.model
+    names = _feature_tensors(net)
+    if not names:
+        raise FitnessError("fidelity_features needs at least two Dense/Conv layers")
+    _, feats = net(probes[:max_probes], taps=names)
+    return {"feats": feats}
+
+
+def feature_fidelity(cache, pruned_apply, masks, probes, max_probes=128):
+    """Relative reconstruction error of every layer's input features.
+
+    ``F = 1/L sum_l ||h'_l - h_l||^2 / ||h_l||^2`` over the inputs ``h_l`` of the
+    Dense/Conv layers after the first (removed units included, as zeros in the
+    pruned network ``h'``), on the first ``max_probes`` probes: the layer-wise
+    reconstruction objective of channel pruning (He et al., 2017; ThiNet, Luo et
+    al., 2017), here on probes instead of training images.
+    """
+    dense = cache["feats"]
+    _, feats = pruned_apply.taps(masks, probes[:max_probes], tuple(dense))
+    errs = [
+        jnp.sum((feats[k] - v) ** 2) / (jnp.sum(v**2) + 1e-12) for k, v in dense.items()
+    ]
+    return sum(errs) / len(errs)
+
+
 register_metric(
     "fidelity",
     kl_fidelity,
@@ -76,4 +114,13 @@ register_metric(
     logit_mse,
     _prepare,
     description="mean squared error between dense and pruned logits on probes",
+)
+register_metric(
+    "fidelity_features",
+    feature_fidelity,
+    _prepare_features,
+    description=(
+        "relative reconstruction error of every layer's input features on probes"
+    ),
+    defaults={"max_probes": 128},
 )
