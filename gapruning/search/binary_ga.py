@@ -17,22 +17,13 @@ import jax.numpy as jnp
 from evosax.algorithms.population_based.base import (
     Params as BaseParams,
 )
-from evosax.algorithms.population_based.base import (
-    PopulationBasedAlgorithm,
-)
-from evosax.algorithms.population_based.base import (
-    State as BaseState,
-)
 from evosax.core.fitness_shaping import identity_fitness_shaping_fn
 from flax import struct
 
+from .generational import GenerationalAlgorithm, State
+
 SELECTIONS = ("tournament", "rank")
 CROSSOVERS = ("uniform", "one_point", "two_point")
-
-
-@struct.dataclass
-class State(BaseState):
-    pass
 
 
 @struct.dataclass
@@ -41,7 +32,7 @@ class Params(BaseParams):
     mutation_rate: float  # per-bit flip probability; negative means 1 / num_bits
 
 
-class BinaryGA(PopulationBasedAlgorithm):
+class BinaryGA(GenerationalAlgorithm):
     """Generational GA on 0/1 genomes.
 
     Args:
@@ -83,15 +74,6 @@ class BinaryGA(PopulationBasedAlgorithm):
     @property
     def _default_params(self) -> Params:
         return Params(crossover_rate=0.9, mutation_rate=-1.0)
-
-    def _init(self, key: jax.Array, params: Params) -> State:
-        return State(
-            population=jnp.zeros((self.population_size, self.num_dims)),
-            fitness=jnp.full((self.population_size,), jnp.inf),
-            best_solution=jnp.zeros((self.num_dims,)),
-            best_fitness=jnp.inf,
-            generation_counter=0,
-        )
 
     def _select(self, key, fitness, n):
         """Indices of ``n`` parents."""
@@ -135,6 +117,3 @@ class BinaryGA(PopulationBasedAlgorithm):
         children = jnp.where(flips, 1.0 - children, children)
         elites = state.population[jnp.argsort(fitness)[: self.num_elites_kept]]
         return jnp.concatenate([elites, children]), state
-
-    def _tell(self, key, population, fitness, state: State, params: Params) -> State:
-        return state.replace(population=population, fitness=fitness)
