@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--chunk",
         type=int,
-        help="generations per jitted scan (default: 1 on CPU, 10 on accelerators)",
+        default=10,
+        help="generations per jitted scan; progress and checkpoints in between",
     )
     pr.add_argument(
         "--checkpoint-every",

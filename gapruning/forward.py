@@ -70,21 +70,60 @@ def masked_apply(model: Pretrained | Net, masks: Mapping, x: jax.Array) -> jax.A
     return _with_kernel_masks(net, masks)(x)
 
 
-# Largest folded activation (bytes) one chunk of the population may produce. On
-# CPUs, folding many individuals into one huge convolution batch is memory bound:
-# measured on resnet20 with 512 probes, P=8 folded at once took 8.2 s, in chunks
-# of one individual 3.1 s (benchmarks/results/population_forward.md).
-ACTIVATION_BUDGET_BYTES = 32 * 2**20
+# Largest population-batched activation (bytes) one chunk of individuals may
+# produce. On CPUs the elementwise work between layers is memory bound and wants
+# chunks that stay near the caches: resnet20 with 64 probes ran fastest one or two
+# individuals at a time (3-6 MB), LeNet-300-100 with 512 probes fastest with 64 at
+# once (13 MB); accelerators want big batches and are only bounded by memory.
+ACTIVATION_BUDGET_BYTES = {"cpu": 16 * 2**20}
+ACCELERATOR_ACTIVATION_BUDGET_BYTES = 2 * 2**30
 
 
-def auto_chunk_size(model: Pretrained | Net, population: int, batch: int) -> int:
-    """The largest divisor of ``population`` whose folded activations stay within
-    :data:`ACTIVATION_BUDGET_BYTES`."""
+def activation_budget() -> int:
+    """:data:`ACTIVATION_BUDGET_BYTES` for the default backend."""
+    return ACTIVATION_BUDGET_BYTES.get(
+        jax.default_backend(), ACCELERATOR_ACTIVATION_BUDGET_BYTES
+    )
+
+
+def population_footprint(
+    model: Pretrained | Net, batch: int, kernel_masks: bool = False
+) -> int:
+    """Bytes per individual of the largest tensor that carries the population axis:
+    the outputs of Dense/Conv layers reading a mask (with ``kernel_masks``: of
+    every Dense/Conv layer), and everything downstream (a unit mask on a shared
+    tensor is folded into the kernel, never materialized)."""
     net = _net(model)
-    first_mask = next((i for i, n in enumerate(net.nodes) if n.op == "mask"), 0)
-    folded = net.nodes[first_mask:]  # the nodes that carry the population axis
-    per_individual = batch * 4 * max(math.prod(n.shape) for n in folded)
-    limit = max(1, ACTIVATION_BUDGET_BYTES // max(per_individual, 1))
+    by_name = {n.name: n for n in net.nodes}
+
+    def reads_mask(n) -> bool:
+        if kernel_masks:
+            return True
+        src = by_name[n.inputs[0]]
+        if src.op == "flatten":
+            src = by_name[src.inputs[0]]
+        return src.op == "mask"
+
+    batched: set[str] = set()
+    for n in net.nodes:
+        if (n.op in ("dense", "conv") and reads_mask(n)) or batched & set(n.inputs):
+            batched.add(n.name)
+    largest = max((math.prod(by_name[b].shape) for b in batched), default=1)
+    return batch * 4 * largest
+
+
+def auto_chunk_size(
+    model: Pretrained | Net,
+    population: int,
+    batch: int,
+    budget: int | None = None,
+    kernel_masks: bool = False,
+) -> int:
+    """The largest divisor of ``population`` whose batched activations stay within
+    ``budget`` bytes (default :func:`activation_budget`)."""
+    budget = activation_budget() if budget is None else budget
+    footprint = population_footprint(model, batch, kernel_masks)
+    limit = max(1, budget // max(footprint, 1))
     return max(
         d for d in range(1, population + 1) if population % d == 0 and d <= limit
     )
@@ -113,7 +152,7 @@ def population_apply(
         raise MaskError(f"mask leaves disagree on the population size: {sorted(pop)}")
     (p,) = pop
     if chunk_size == "auto":
-        chunk_size = auto_chunk_size(net, p, x.shape[0])
+        chunk_size = auto_chunk_size(net, p, x.shape[0], kernel_masks=kind == "weights")
     if kind == "units":
 
         def run(chunk):

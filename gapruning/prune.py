@@ -112,7 +112,7 @@ def prune(
     per_group: bool = False,
     min_keep: int = 1,
     init: str | None = "l1",
-    chunk: int | None = None,
+    chunk: int = 10,
     strategy_options: Mapping[str, Any] | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
@@ -135,8 +135,7 @@ def prune(
         per_group: with the units budget, remove the same ratio from every group.
         init: "l1" seeds the initial population around the L1-norm ranking;
             ``None`` starts from unbiased random genomes.
-        chunk: generations per jitted scan (progress and checkpoints between);
-            ``None``: :func:`default_chunk`.
+        chunk: generations per jitted scan (progress and checkpoints between).
         resume: continue from the newest checkpoint in ``checkpoint_dir``.
         devices: devices to shard the population over (default: all local).
 
@@ -186,7 +185,6 @@ def prune(
         kept_fraction_fn(space, budget_spec),
         enc.encode if encoding == "units" else None,
     )
-    chunk = default_chunk() if chunk is None else chunk
     devices = list(jax.devices() if devices is None else devices)
     mesh = search.population_mesh(population, devices) if len(devices) > 1 else None
     settings = {
@@ -250,13 +248,6 @@ def prune(
         "best_fitness": result.best_fitness,
     }
     return PruneResult(masks, pruned, result.history, net, result, settings)
-
-
-def default_chunk() -> int:
-    """Generations per jitted scan: 10 on accelerators; 1 on CPU, where XLA ran a
-    scanned generation about 2x slower than the same generation jitted alone
-    (benchmarks/results/search_throughput.md, "host overhead" is negative)."""
-    return 1 if jax.default_backend() == "cpu" else 10
 
 
 def _zscore_per_group(scores: np.ndarray, space: PruneSpace) -> np.ndarray:

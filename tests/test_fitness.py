@@ -153,6 +153,39 @@ def test_paoding_entropy_matches_a_hand_computation():
     assert float(F.paoding_entropy(zero, zero, 0.9)) == 0.0
 
 
+# ------------------------------------------------------------- fidelity
+
+
+def test_feature_fidelity_matches_masked_features_computed_directly():
+    """Reference: the masked inputs of every Dense/Conv layer after the first, read
+    as the mask nodes' outputs, errors summed in float64."""
+    net = tiny_all_ops()
+    probes = gp.make_probes(net, "gaussian", 16, seed=0)
+    masks = random_unit_masks(net.space, 3, 0.5, seed=2)
+    fit = F.compose(net, "fidelity_features", probes=probes)
+    got = np.asarray(fit(masks))
+    model = net.model
+    by_name = {n.name: n for n in model.nodes}
+    first = model.nodes[0].name
+    read = []
+    for n in model.nodes:
+        if n.op in ("dense", "conv") and n.inputs[0] != first:
+            read.append(n.inputs[0])
+    read = list(dict.fromkeys(read))
+    assert any(by_name[r].op == "flatten" for r in read)  # the flatten case is hit
+    _, dense = model(probes, taps=tuple(read))
+    for i in range(3):
+        one = row(masks, i)
+        _, pruned = F.PrunedApply(model).taps(one, probes, tuple(read))
+        errs = [
+            np.sum((np.float64(pruned[r]) - np.float64(dense[r])) ** 2)
+            / np.sum(np.float64(dense[r]) ** 2)
+            for r in read
+        ]
+        assert got[i] == pytest.approx(np.mean(errs), rel=1e-4)
+    assert float(fit(full_masks(net.space))[0]) == pytest.approx(0.0, abs=1e-6)
+
+
 # ------------------------------------------------------------- wavelet
 
 

@@ -173,9 +173,3 @@ def test_cli_prune_writes_a_readable_run(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert cli.main(["show", str(out)]) == 0
     assert "paoding_mlp-fmnist" in capsys.readouterr().out
-
-
-def test_default_chunk_follows_the_backend():
-    from gapruning.prune import default_chunk
-
-    assert default_chunk() == (1 if jax.default_backend() == "cpu" else 10)

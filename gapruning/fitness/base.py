@@ -36,10 +36,23 @@ class PrunedApply:
     Args:
         net: the dense :class:`~gapruning.models.Net` (weights are shared, never
             copied per individual: masks act on activations).
+        share: compute each forward pass (same masks, inputs and taps) once and
+            hand the same result to every caller; :class:`Fitness` uses one such
+            view per individual, so its terms never repeat a forward pass.
     """
 
-    def __init__(self, net: Net):
+    def __init__(self, net: Net, *, share: bool = False):
         self.net = net
+        self._shared: dict | None = {} if share else None
+
+    def _once(self, masks, x, names, compute):
+        if self._shared is None:
+            return compute()
+        key = (id(masks), id(x), names)
+        if key not in self._shared:
+            # the entry holds masks and x, so their ids stay unique meanwhile
+            self._shared[key] = (compute(), masks, x)
+        return self._shared[key][0]
 
     def model(self, masks: Mapping) -> Net:
         """The network with ``masks`` applied (a view sharing the weights)."""
@@ -49,11 +62,12 @@ class PrunedApply:
 
     def __call__(self, masks: Mapping, x: jax.Array) -> jax.Array:
         """Outputs ``(B, classes)`` of the masked network on ``x``."""
-        return self.model(masks)(x)
+        return self._once(masks, x, None, lambda: self.model(masks)(x))
 
     def taps(self, masks: Mapping, x: jax.Array, names: tuple[str, ...]):
         """``(outputs, {name: tensor})`` of the masked network on ``x``."""
-        return self.model(masks)(x, taps=tuple(names))
+        names = tuple(names)
+        return self._once(masks, x, names, lambda: self.model(masks)(x, taps=names))
 
 
 @dataclasses.dataclass(frozen=True)

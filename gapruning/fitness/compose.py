@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..encoding import Budget, UnitEncoding
-from ..forward import mask_kind
+from ..forward import auto_chunk_size, mask_kind
 from ..probes import batchnorm_nodes, make_probes, validate_probes
 from ..space import MaskError
 from ..zoo import Pretrained
@@ -118,7 +118,6 @@ class Fitness:
         self.probes = probes
         self.probe_kind = probe_kind
         self.chunk_size = chunk_size
-        self._apply = PrunedApply(pretrained.model)
         self._fns: list[tuple[Term, Any, Callable]] = []
         for term in terms:
             cache, fn = METRICS[term.metric].build(pretrained, probes, **term.params)
@@ -157,22 +156,24 @@ class Fitness:
             (self.probes, [cache for _, cache, _ in self._fns])
         )
 
-    def _values(self, masks) -> dict[str, jax.Array]:
-        probes, caches = self._consts()
+    def _values(self, masks, apply: PrunedApply, consts) -> dict[str, jax.Array]:
+        probes, caches = consts
         return {
-            term.label: jnp.asarray(fn(cache, self._apply, masks, probes))
+            term.label: jnp.asarray(fn(cache, apply, masks, probes))
             for (term, _, fn), cache in zip(self._fns, caches, strict=True)
         }
 
-    def _finite_outputs(self, masks) -> jax.Array:
-        if self.probes is None:
-            return jnp.array(True)
-        probes, _ = self._consts()
-        return jnp.all(jnp.isfinite(self._apply(masks, probes)))
+    def _components(self, masks) -> dict[str, jax.Array]:
+        apply = PrunedApply(self.pretrained.model, share=True)
+        return self._values(masks, apply, self._consts())
 
     def single(self, masks: Mapping) -> jax.Array:
         """The fitness of one individual (masks without a population axis)."""
-        values = self._values(masks)
+        # the terms and the finiteness check share each forward pass (XLA's CSE
+        # did not merge them inside the engine's scan)
+        apply = PrunedApply(self.pretrained.model, share=True)
+        consts = self._consts()
+        values = self._values(masks, apply, consts)
         total = sum(
             (
                 term.weight / self.scales[term.label] * values[term.label]
@@ -181,7 +182,9 @@ class Fitness:
             ),
             jnp.zeros((), jnp.float32),
         )
-        ok = self._finite_outputs(masks) & jnp.isfinite(total)
+        ok = jnp.isfinite(total)
+        if self.probes is not None:
+            ok &= jnp.all(jnp.isfinite(apply(masks, consts[0])))
         return jnp.where(ok, total, jnp.inf)
 
     # -------------------------------------------------------------- population
@@ -210,17 +213,23 @@ class Fitness:
             raise MaskError(f"mask leaves disagree on the population size: {sizes}")
         return {k: jnp.asarray(v).astype(jnp.float32) for k, v in masks.items()}
 
+    def _chunk(self, masks) -> int | None:
+        if self.chunk_size != "auto":
+            return self.chunk_size
+        p = next(iter(masks.values())).shape[0]
+        batch = 1 if self.probes is None else len(self.probes)
+        kernel_masks = mask_kind(self.pretrained.model, masks) == "weights"
+        return auto_chunk_size(self.pretrained, p, batch, kernel_masks=kernel_masks)
+
     def _map(self, fn, masks):
         p = next(iter(masks.values())).shape[0]
-        if self.chunk_size is None or self.chunk_size >= p:
+        chunk = self._chunk(masks)
+        if chunk is None or chunk >= p:
             return jax.vmap(fn)(masks)
-        if p % self.chunk_size:
-            raise MaskError(
-                f"population {p} is not a multiple of chunk_size {self.chunk_size}"
-            )
+        if p % chunk:
+            raise MaskError(f"population {p} is not a multiple of chunk_size {chunk}")
         chunks = jax.tree.map(
-            lambda m: m.reshape(p // self.chunk_size, self.chunk_size, *m.shape[1:]),
-            masks,
+            lambda m: m.reshape(p // chunk, chunk, *m.shape[1:]), masks
         )
         out = jax.lax.map(jax.vmap(fn), chunks)
         return jax.tree.map(lambda v: v.reshape(p, *v.shape[2:]), out)
@@ -229,7 +238,7 @@ class Fitness:
         return self._map(self.single, masks)
 
     def _batch_components(self, masks):
-        return self._map(self._values, masks)
+        return self._map(self._components, masks)
 
     def __call__(self, masks_batch: Mapping) -> jax.Array:
         """Fitness ``(P,)`` of a population (every mask leaf has a leading ``P``)."""
@@ -269,7 +278,7 @@ def compose(
     num_probes: int = 512,
     seed: int = 0,
     probe_options: Mapping[str, Any] | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = "auto",
     normalize: bool | None = None,
 ) -> Fitness:
     """Builds a population fitness from weighted metrics.
@@ -285,7 +294,10 @@ def compose(
         num_probes: number of probes to make.
         seed: probe randomness.
         probe_options: extra keyword arguments of :func:`~gapruning.make_probes`.
-        chunk_size: evaluate the population this many individuals at a time.
+        chunk_size: evaluate the population this many individuals at a time
+            (``jax.lax.map`` over chunks, ``vmap`` inside); ``"auto"``: the
+            largest divisor of the population within the activation budget
+            (:func:`~gapruning.forward.auto_chunk_size`); ``None``: all at once.
         normalize: divide each term by its mean over random half-pruned masks
             (``CALIBRATION_MASKS`` of them, drawn from ``seed``; mask-free, done
             once), so weights compare terms of different units. Default: on for
@@ -308,7 +320,7 @@ def compose(
         raise FitnessError(
             f"metric 'bn_drift' needs BatchNorm layers; {net.name} has none"
         )
-    if chunk_size is not None and int(chunk_size) < 1:
+    if chunk_size not in (None, "auto") and int(chunk_size) < 1:
         raise FitnessError(f"chunk_size must be positive, got {chunk_size}")
     x, kind = None, None
     if any(_needs_probes(t) for t in terms):
@@ -324,5 +336,5 @@ def compose(
         dense_logits(net, x)  # fails early on a dense model giving NaN/Inf
     if normalize is None:
         normalize = isinstance(spec, str) and spec == "default"
-    chunk = None if chunk_size is None else int(chunk_size)
+    chunk = chunk_size if chunk_size in (None, "auto") else int(chunk_size)
     return Fitness(net, terms, x, kind, chunk, bool(normalize), int(seed))

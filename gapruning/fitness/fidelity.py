@@ -58,41 +58,59 @@ def logit_mse(cache, pruned_apply, masks, probes):
     return jnp.mean((zp - cache["logits"]) ** 2)
 
 
-def _feature_tensors(net) -> tuple[str, ...]:
-    """Inputs of every Dense/Conv layer except those reading the network input."""
+def _feature_tensors(net) -> dict[str, str | None]:
+    """Inputs of every Dense/Conv layer except those reading the network input:
+    the tensor before its mask -> the mask's group (``None`` if unmasked)."""
+    by_name = {n.name: n for n in net.nodes}
     first = net.nodes[0].name
-    return tuple(
-        dict.fromkeys(
-            n.inputs[0]
-            for n in net.nodes
-            if n.op in ("dense", "conv") and n.inputs[0] != first
-        )
-    )
+    out: dict[str, str | None] = {}
+    for n in net.nodes:
+        if n.op not in ("dense", "conv") or n.inputs[0] == first:
+            continue
+        src = by_name[n.inputs[0]]
+        if src.op == "flatten" and by_name[src.inputs[0]].op == "mask":
+            src = by_name[src.inputs[0]]  # the error is the same before flattening
+        if src.op == "mask":
+            out[src.inputs[0]] = src.attr("group")
+        else:
+            out[src.name] = None
+    return out
 
 
 def _prepare_features(pretrained, probes, max_probes=128):
     net = pretrained.model
-    names = _feature_tensors(net)
-    if not names:
+    tensors = _feature_tensors(net)
+    if not tensors:
         raise FitnessError("fidelity_features needs at least two Dense/Conv layers")
-    _, feats = net(probes[:max_probes], taps=names)
+    _, feats = net(probes[:max_probes], taps=tuple(tensors))
     return {"feats": feats}
 
 
 def feature_fidelity(cache, pruned_apply, masks, probes, max_probes=128):
     """Relative reconstruction error of every layer's input features.
 
-    ``F = 1/L sum_l ||h'_l - h_l||^2 / ||h_l||^2`` over the inputs ``h_l`` of the
-    Dense/Conv layers after the first (removed units included, as zeros in the
-    pruned network ``h'``), on the first ``max_probes`` probes: the layer-wise
-    reconstruction objective of channel pruning (He et al., 2017; ThiNet, Luo et
-    al., 2017), here on probes instead of training images.
+    ``F = 1/L sum_l ||m_l * h'_l - h_l||^2 / ||h_l||^2`` over the inputs ``h_l`` of
+    the Dense/Conv layers after the first, ``h'_l`` the pruned network's features
+    before the layer's mask ``m_l`` (removed units count as zeros), on the first
+    ``max_probes`` probes: the layer-wise reconstruction objective of channel
+    pruning (He et al., 2017; ThiNet, Luo et al., 2017), on probes instead of
+    training images. Computed per unit, for 0/1 masks, as
+    ``sum_i m_i ||h'_i - h_i||^2 + (1 - m_i) ||h_i||^2``: where ``h'_l`` does not
+    depend on the masks (layers before the first mask) the sums over probes are
+    then shared by the whole population instead of repeated per individual.
     """
     dense = cache["feats"]
+    groups = _feature_tensors(pruned_apply.net)
     _, feats = pruned_apply.taps(masks, probes[:max_probes], tuple(dense))
-    errs = [
-        jnp.sum((feats[k] - v) ** 2) / (jnp.sum(v**2) + 1e-12) for k, v in dense.items()
-    ]
+    errs = []
+    for name, h in dense.items():
+        axes = tuple(range(h.ndim - 1))
+        kept_err = jnp.sum((feats[name] - h) ** 2, axis=axes)
+        removed_err = jnp.sum(h**2, axis=axes)
+        group = groups[name]
+        m = 1.0 if group is None else jnp.asarray(masks[group], h.dtype)
+        err = jnp.sum(m * kept_err + (1 - m) * removed_err)
+        errs.append(err / (jnp.sum(removed_err) + 1e-12))
     return sum(errs) / len(errs)
 
 

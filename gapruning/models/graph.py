@@ -13,9 +13,10 @@ downstream of it, joined across residual additions), and each tensor of a
 prunable space is multiplied by its space's mask just before a layer that mixes
 channels reads it. A zero mask entry is therefore exactly the removal of that unit.
 
-Masks may carry a leading population axis ``P``: the executor then folds the
-population into the batch axis, computes everything before the first mask once,
-and shares the (unbatched) weights among all individuals.
+Masks may carry a leading population axis ``P``: the executor then vmaps the
+one-individual pass over it, so everything before the first mask is computed once
+and the (unbatched) weights are shared by all individuals; Dense/Conv layers that
+read a mask choose how to batch in :mod:`~gapruning.models.masked_layers`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from .masked_layers import conv_op, dense_op, masked_contraction
 
 # Ops that keep the channel (last) axis as it is, unit for unit.
 CHANNELWISE = frozenset(
@@ -476,59 +479,66 @@ class Net(nnx.Module):
         if unknown:
             raise ValueError(f"taps name unknown node(s) {unknown}")
         pop = self.population_size()
-        batch = x.shape[0]
+        if pop is not None:
+            graphdef, masks, rest = nnx.split(self, Mask, ...)
+            return jax.vmap(lambda m: nnx.merge(graphdef, m, rest)(x, taps=taps))(masks)
         vals: dict[str, jax.Array] = {}
-        folded: dict[str, bool] = {}  # True: leading axis is P*B instead of B
-
-        def fold(name):
-            v = vals[name]
-            if pop is None or folded[name]:
-                return v
-            return jnp.broadcast_to(v[None], (pop, *v.shape)).reshape(
-                pop * batch, *v.shape[1:]
-            )
-
+        by_name = {n.name: n for n in self.nodes}
         for n in self.nodes:
-            ins = [vals[i] for i in n.inputs]
-            is_folded = any(folded[i] for i in n.inputs)
             if n.op == "input":
                 y = x
             elif n.op == "mask":
-                m = self.masks[n.attr("group")][...].astype(x.dtype)
-                if pop is None:
-                    y = ins[0] * m
-                else:
-                    v = fold(n.inputs[0]).reshape(pop, batch, *n.shape)
-                    m = m.reshape(pop, 1, *([1] * (len(n.shape) - 1)), m.shape[-1])
-                    y = (v * m).reshape(pop * batch, *n.shape)
-                    is_folded = True
+                y = vals[n.inputs[0]] * self.masks[n.attr("group")][...].astype(x.dtype)
             elif n.op == "add":
-                if is_folded:
-                    ins = [fold(i) for i in n.inputs]
-                y = sum(ins[1:], ins[0])
+                y = sum((vals[i] for i in n.inputs[1:]), vals[n.inputs[0]])
+            elif n.op in PRODUCERS:
+                y = self._linear(n, vals, by_name)
             else:
-                y = self._apply(n, ins[0])
-            vals[n.name], folded[n.name] = y, is_folded
+                y = self._apply(n, vals[n.inputs[0]])
+            vals[n.name] = y
         out = vals[self.nodes[-1].name]
-        if pop is not None:
-            out = fold(self.nodes[-1].name).reshape(pop, batch, -1)
-        elif keep_population_axis:
+        if keep_population_axis:
             out = out[None]
         if not taps:
             return out
-        tapped = {}
-        for t in taps:
-            v = vals[t]
-            if pop is not None:
-                v = fold(t).reshape(pop, batch, *v.shape[1:])
-            elif keep_population_axis:
-                v = v[None]
-            tapped[t] = v
+        tapped = {t: vals[t][None] if keep_population_axis else vals[t] for t in taps}
         return out, tapped
+
+    def _masked_input(
+        self, node: Node, vals, by_name
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The unmasked input of a Dense/Conv ``node`` and the mask over its input
+        features, when it reads a mask (directly, or through a flatten)."""
+        src = by_name[node.inputs[0]]
+        flatten = src.op == "flatten" and by_name[src.inputs[0]].op == "mask"
+        if flatten:
+            src = by_name[src.inputs[0]]
+        if src.op != "mask":
+            return vals[node.inputs[0]], None
+        x = vals[src.inputs[0]]
+        mask = self.masks[src.attr("group")][...].astype(x.dtype)
+        if flatten:
+            x = x.reshape(x.shape[0], -1)
+            mask = jnp.tile(mask, math.prod(src.shape[:-1]))
+        return x, mask
+
+    def _linear(self, n: Node, vals, by_name) -> jax.Array:
+        """A Dense or Conv node; a masked input is handled by
+        :func:`~gapruning.models.masked_layers.masked_contraction`."""
+        layer = self.layers[n.name]
+        op = (
+            dense_op
+            if n.op == "dense"
+            else conv_op(n.attr("strides"), n.attr("padding"))
+        )
+        x, mask = self._masked_input(n, vals, by_name)
+        kernel = layer.kernel[...]
+        y = op(x, kernel) if mask is None else masked_contraction(op, x, mask, kernel)
+        return y if layer.bias is None else y + layer.bias[...]
 
     def _apply(self, n: Node, x: jax.Array) -> jax.Array:
         op = n.op
-        if op in ("dense", "conv", "batchnorm"):
+        if op == "batchnorm":
             return self.layers[n.name](x)
         if op == "relu":
             return jax.nn.relu(x)
