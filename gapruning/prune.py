@@ -23,6 +23,7 @@ import numpy as np
 from . import search
 from .compact import compact, param_count
 from .encoding import Budget, ProfileEncoding, UnitEncoding, l1_unit_scores
+from .methods import METHODS, MethodContext, MethodResult, run_method
 from .progress import progress_bar
 from .space import PruneSpace
 from .zoo import Pretrained, load
@@ -39,7 +40,7 @@ class PruneResult:
     pruned: Pretrained
     history: dict[str, np.ndarray]
     net: Pretrained
-    search: search.SearchResult
+    search: search.SearchResult | MethodResult
     settings: dict[str, Any]
 
     def report(self) -> dict:
@@ -59,8 +60,8 @@ class PruneResult:
             "groups": [dict(row, kept=kept[row["group"]]) for row in space.describe()],
             "fitness": {
                 "best": s.best_fitness,
-                "first_generation_best": _float(self.history["best"][0]),
-                "last_generation_mean": _float(self.history["mean"][-1]),
+                "first_generation_best": _first(self.history.get("best")),
+                "last_generation_mean": _last(self.history.get("mean")),
             },
             "search": {
                 "seconds": round(s.seconds, 3),
@@ -79,6 +80,14 @@ class PruneResult:
 def _float(x) -> float | None:
     x = float(x)
     return x if np.isfinite(x) else None
+
+
+def _first(values) -> float | None:
+    return None if values is None or len(values) == 0 else _float(values[0])
+
+
+def _last(values) -> float | None:
+    return None if values is None or len(values) == 0 else _float(values[-1])
 
 
 def _graph_digest(net: Pretrained) -> str:
@@ -161,6 +170,41 @@ def prune(
         raise ValueError("resume needs a checkpoint_dir")
     space = net.space
     budget_spec = Budget(budget, float(target), per_group=per_group, min_keep=min_keep)
+    settings = {
+        "strategy": strategy,
+        "target": float(target),
+        "budget": budget,
+        "fitness": fitness
+        if isinstance(fitness, str | dict)
+        else getattr(fitness, "__name__", "callable"),
+        "generations": generations,
+        "population": population,
+        "num_probes": num_probes,
+        "seed": seed,
+        "encoding": encoding,
+        "per_group": per_group,
+        "min_keep": min_keep,
+        "init": init,
+        "strategy_options": dict(strategy_options or {}),
+    }
+    if strategy in METHODS:
+        ctx = MethodContext(
+            net,
+            budget_spec,
+            seed=seed,
+            population=population,
+            generations=generations,
+            progress=progress,
+            make_fitness=lambda: _fitness(net, fitness, probes, num_probes, seed),
+        )
+        found = run_method(strategy, ctx, strategy_options or {})
+        pruned = compact(found.net, found.masks)
+        pruned.card["pruning"]["method"] = {
+            "search": settings,
+            "best_fitness": found.best_fitness,
+            "details": found.details,
+        }
+        return PruneResult(found.masks, pruned, found.history, net, found, settings)
     l1 = l1_unit_scores(net.model, space)
     l1_rank = _zscore_per_group(l1, space)
     if encoding == "units":
@@ -187,23 +231,6 @@ def prune(
     )
     devices = list(jax.devices() if devices is None else devices)
     mesh = search.population_mesh(population, devices) if len(devices) > 1 else None
-    settings = {
-        "strategy": strategy,
-        "target": float(target),
-        "budget": budget,
-        "fitness": fitness
-        if isinstance(fitness, str | dict)
-        else getattr(fitness, "__name__", "callable"),
-        "generations": generations,
-        "population": population,
-        "num_probes": num_probes,
-        "seed": seed,
-        "encoding": encoding,
-        "per_group": per_group,
-        "min_keep": min_keep,
-        "init": init,
-        "strategy_options": dict(strategy_options or {}),
-    }
     checkpointer = None
     if checkpoint_dir is not None:
         signature = dict(

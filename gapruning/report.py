@@ -35,14 +35,22 @@ def plot_fitness(history: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gens = np.arange(1, len(history["best"]) + 1)
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    ax.plot(gens, history["mean"], label="population mean", color="#9aa")
-    ax.plot(gens, history["best"], label="generation best", color="#48c", lw=1)
-    ax.plot(gens, history["best_so_far"], label="best so far", color="#c33", lw=2)
+    curves = (
+        ("mean", "population mean", "#9aa", 1),
+        ("best", "generation best", "#48c", 1),
+        ("best_so_far", "best so far", "#c33", 2),
+    )
+    drawn = [c for c in curves if len(history.get(c[0], ())) > 0]
+    for key, label, color, width in drawn:
+        steps = np.arange(1, len(history[key]) + 1)
+        ax.plot(steps, history[key], label=label, color=color, lw=width)
+    if drawn:
+        ax.legend(frameon=False)
+    else:
+        ax.text(0.5, 0.5, "one-shot method: no search", ha="center", va="center")
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness (lower is better)")
-    ax.legend(frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -96,11 +104,12 @@ def markdown(report: dict) -> str:
         for g in report["groups"]
     ]
     f, srch = report["fitness"], report["search"]
+    best = "none (no fitness used)" if f["best"] is None else f"{f['best']:.6g}"
     lines += [
         "",
-        f"Fitness: best {f['best']:.6g} (first generation best "
-        f"{f['first_generation_best']}, last generation mean "
-        f"{f['last_generation_mean']}).",
+        f"Fitness: best {best} (first generation best "
+        f"{f.get('first_generation_best')}, last generation mean "
+        f"{f.get('last_generation_mean')}).",
         f"Search: {srch['evaluations']:,} evaluations in {srch['seconds']:.1f} s "
         f"({srch['compile_seconds']:.1f} s compiling), "
         f"{srch['evaluations_per_second']:,} evaluations/s on {report['device']}.",
