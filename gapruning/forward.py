@@ -1,11 +1,13 @@
 """Forward passes with masks: one individual, or a whole population at once.
 
 Structured masks (group name -> units) act on activations: the weights stay
-unbatched and shared, the population is folded into the batch axis, and everything
-before the first masked layer is computed once for the whole population (see
-:class:`~gapruning.models.Net`). Unstructured masks (layer name -> kernel-shaped)
-mask the kernels of each individual; they are evaluated in chunks of individuals
-(``jax.lax.map``) so memory stays bounded.
+unbatched and shared, the one-individual pass is vmapped over the population (a
+batched activation is folded into the batch axis of each layer, a mask on a tensor
+every individual shares is folded into stacked kernels; see
+:mod:`~gapruning.models.masked_layers`), and everything before the first masked
+layer is computed once for the whole population. Unstructured masks (layer name ->
+kernel-shaped) mask the kernels of each individual. Either way the population runs
+in chunks of individuals (``jax.lax.map``) sized so memory stays bounded.
 """
 
 from __future__ import annotations
