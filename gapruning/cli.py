@@ -12,6 +12,7 @@ import datetime
 import json
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,13 @@ from pathlib import Path
 
 class UsageError(RuntimeError):
     """A problem with the command line the user can fix."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage text is in ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _cmd_train(args) -> None:
@@ -253,10 +261,6 @@ def _fitness_spec(text: str):
 
 
 def _cmd_prune(args) -> None:
-    from . import zoo
-    from .prune import prune
-    from .report import write_run
-
     out = Path(args.out)
     run_files = ("report.json", "model")
     if (
@@ -267,6 +271,26 @@ def _cmd_prune(args) -> None:
         raise UsageError(f"{out} already holds a run (use --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory")
+    if args.checkpoint_every < 0:
+        raise UsageError(
+            f"--checkpoint-every must be 0 (never) or more, got {args.checkpoint_every}"
+        )
+    created = not out.exists()
+    try:
+        _prune_into(args, out)
+    except BaseException:
+        # a failed run leaves nothing behind, except checkpoints to resume from
+        steps = out / "checkpoints" / "steps"
+        if created and out.is_dir() and not (steps.is_dir() and any(steps.iterdir())):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prune_into(args, out: Path) -> None:
+    from . import zoo
+    from .prune import prune
+    from .report import write_run
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -296,6 +320,8 @@ def _cmd_prune(args) -> None:
         chunk=args.chunk,
         checkpoint_every=args.checkpoint_every or 1,
         resume=args.resume,
+        dtype=args.dtype,
+        chunk_size=_chunk_size(args.chunk_size),
     )
     report = write_run(result, out, overwrite=True)
     p, f = report["params"], report["flops"]
@@ -303,6 +329,17 @@ def _cmd_prune(args) -> None:
         f"pruned {net.name}: params {p['before']:,} -> {p['after']:,}, "
         f"FLOPs {f['before']:,} -> {f['after']:,}; wrote {out}/"
     )
+
+
+def _chunk_size(text: str) -> int | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(
+            f"--chunk-size takes a positive integer, 'auto' or 'none', got {text!r}"
+        ) from None
 
 
 def _cmd_show(args) -> None:
@@ -318,7 +355,7 @@ def _cmd_show(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gapruning", description=__doc__.splitlines()[0])
+    p = _Parser(prog="gapruning", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -396,6 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--resume", action="store_true", help="continue a killed run in --out"
     )
+    pr.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype of the population fitness (compaction stays float32)",
+    )
+    pr.add_argument(
+        "--chunk-size",
+        default="auto",
+        help="individuals evaluated at once: N, 'auto' (memory-bounded) or 'none'",
+    )
     pr.add_argument("--out", required=True, help="run directory")
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--quiet", action="store_true")
@@ -446,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         KeyError,
         ValueError,
         RuntimeError,
+        OSError,
     ) as err:
         if args.debug:
             raise

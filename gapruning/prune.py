@@ -29,6 +29,7 @@ from .space import PruneSpace
 from .zoo import Pretrained, load
 
 ENCODINGS = ("units", "profile")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass
@@ -126,6 +127,8 @@ def prune(
     checkpoint_every: int = 1,
     resume: bool = False,
     devices=None,
+    dtype: str | None = None,
+    chunk_size: int | str | None = "auto",
 ) -> PruneResult:
     """Prunes ``net`` without data.
 
@@ -147,6 +150,11 @@ def prune(
         chunk: generations per jitted scan (progress and checkpoints between).
         resume: continue from the newest checkpoint in ``checkpoint_dir``.
         devices: devices to shard the population over (default: all local).
+        dtype: evaluate the population fitness in this dtype (``"bfloat16"``
+            halves activation memory on accelerators; params and probes are cast,
+            the compacted result stays float32). ``None``: the model's dtype.
+        chunk_size: individuals evaluated at once by the fitness (``"auto"``:
+            bounded by activation memory, see ``gp.forward.auto_chunk_size``).
 
     Returns:
         A :class:`PruneResult`.
@@ -168,6 +176,20 @@ def prune(
         )
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs a checkpoint_dir")
+    if num_probes < 1 and probes is None and not callable(fitness):
+        raise ValueError(f"num_probes must be at least 1, got {num_probes}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+    if dtype is not None and str(dtype) not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    n_devices = len(jax.devices() if devices is None else devices)
+    if strategy not in METHODS and population % n_devices:
+        raise ValueError(
+            f"population {population} is not divisible by the {n_devices} devices; "
+            "choose a multiple of the device count"
+        )
     space = net.space
     budget_spec = Budget(budget, float(target), per_group=per_group, min_keep=min_keep)
     settings = {
@@ -187,6 +209,10 @@ def prune(
         "init": init,
         "strategy_options": dict(strategy_options or {}),
     }
+    if dtype not in (None, "float32"):
+        settings["dtype"] = str(dtype)
+    if chunk_size != "auto":
+        settings["chunk_size"] = chunk_size
     if strategy in METHODS:
         ctx = MethodContext(
             net,
@@ -195,7 +221,9 @@ def prune(
             population=population,
             generations=generations,
             progress=progress,
-            make_fitness=lambda: _fitness(net, fitness, probes, num_probes, seed),
+            make_fitness=lambda: _fitness(
+                net, fitness, probes, num_probes, seed, dtype, chunk_size
+            ),
         )
         found = run_method(strategy, ctx, strategy_options or {})
         pruned = compact(found.net, found.masks)
@@ -222,7 +250,7 @@ def prune(
         raise ValueError(
             f"strategy {strategy!r} evolves one bit per unit; use encoding='units'"
         )
-    fit = _fitness(net, fitness, probes, num_probes, seed)
+    fit = _fitness(net, fitness, probes, num_probes, seed, dtype, chunk_size)
     problem = search.Problem(
         enc.decode,
         fit,
@@ -286,12 +314,14 @@ def _zscore_per_group(scores: np.ndarray, space: PruneSpace) -> np.ndarray:
     return out
 
 
-def _fitness(net, spec, probes, num_probes, seed):
+def _fitness(net, spec, probes, num_probes, seed, dtype=None, chunk_size="auto"):
     if callable(spec):
         return spec
     from . import fitness as fitness_lib
 
-    kwargs = {"num_probes": num_probes, "seed": seed}
+    kwargs = {"num_probes": num_probes, "seed": seed, "chunk_size": chunk_size}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     if probes is not None:
         kwargs["probes"] = probes
     return fitness_lib.compose(net, spec, **kwargs)

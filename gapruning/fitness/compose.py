@@ -270,6 +270,25 @@ class Fitness:
         return f"Fitness({inner}; probes={self.probe_kind})"
 
 
+def cast_pretrained(net: Pretrained, dtype) -> Pretrained:
+    """A copy of ``net`` whose floating-point variables (weights, BatchNorm
+    statistics, masks) are ``dtype``."""
+    from flax import nnx
+
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise FitnessError(f"unknown dtype {dtype!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise FitnessError(f"dtype must be a floating-point type, got {dtype}")
+    graphdef, state = nnx.split(net.model)
+    state = jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+        state,
+    )
+    return Pretrained(nnx.merge(graphdef, state), dict(net.card))
+
+
 def compose(
     net: Pretrained,
     spec="default",
@@ -280,6 +299,7 @@ def compose(
     probe_options: Mapping[str, Any] | None = None,
     chunk_size: int | str | None = "auto",
     normalize: bool | None = None,
+    dtype=None,
 ) -> Fitness:
     """Builds a population fitness from weighted metrics.
 
@@ -302,6 +322,9 @@ def compose(
             (``CALIBRATION_MASKS`` of them, drawn from ``seed``; mask-free, done
             once), so weights compare terms of different units. Default: on for
             ``"default"``, off otherwise.
+        dtype: evaluate in this dtype (e.g. ``"bfloat16"``): the probes are made
+            in float32, then probes, weights and statistics are cast; the total is
+            float32. ``fit.pretrained`` is then the cast copy. ``None``: as is.
 
     Returns:
         A :class:`Fitness`; ``fit(masks_batch)`` gives ``(P,)``, lower is better.
@@ -333,6 +356,10 @@ def compose(
             x = make_probes(net, kind, num_probes, seed, **dict(probe_options or {}))
         else:
             x, kind = validate_probes(net, probes), "array"
+    if dtype is not None and str(dtype) != "float32":
+        net = cast_pretrained(net, dtype)
+        x = None if x is None else jnp.asarray(x, jnp.dtype(dtype))
+    if x is not None:
         dense_logits(net, x)  # fails early on a dense model giving NaN/Inf
     if normalize is None:
         normalize = isinstance(spec, str) and spec == "default"

@@ -97,8 +97,8 @@ def _linear(n: Node, p: dict, x, *, absolute: bool, bias: bool):
     elif n.op == "conv":
         k = jnp.abs(p["kernel"]) if absolute else p["kernel"]
         y = jax.lax.conv_general_dilated(
-            x,
-            k,
+            x.astype(jnp.promote_types(x.dtype, k.dtype)),
+            k.astype(jnp.promote_types(x.dtype, k.dtype)),
             window_strides=n.attr("strides"),
             padding=n.attr("padding"),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
