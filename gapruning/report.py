@@ -5,6 +5,8 @@ Layout of ``write_run(result, out)``::
     out/model/        the compacted model (gp.load(out / "model"))
     out/report.json   PruneResult.report()
     out/report.md     the same, as Markdown
+    out/history.json  per-generation fitness (best, mean, best so far, kept)
+    out/masks.json    kept unit indices per group of the dense model
     out/fitness.png   best / mean / best-so-far fitness per generation
     out/profile.png   kept units per group against the dense width
 
@@ -26,6 +28,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _finite(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
 
 
 def plot_fitness(history: dict, path: Path) -> None:
@@ -138,6 +145,10 @@ def write_run(
     save(result.pruned, out / "model", overwrite=overwrite)
     _atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     _atomic_write(out / "report.md", markdown(report).encode())
+    history = {k: [_finite(v) for v in np.ravel(a)] for k, a in result.history.items()}
+    masks = {g: np.flatnonzero(m).tolist() for g, m in result.masks.items()}
+    _atomic_write(out / "history.json", (json.dumps(history) + "\n").encode())
+    _atomic_write(out / "masks.json", (json.dumps(masks) + "\n").encode())
     plot_fitness(result.history, out / "fitness.png")
     plot_profile(report, out / "profile.png")
     return report

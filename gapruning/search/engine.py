@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -226,9 +227,15 @@ class Checkpointer:
                     step, args=self._ocp.args.StandardRestore(abstract)
                 )
             except Exception as err:  # a damaged step: use the previous one
+                # moved aside (not deleted), so the step can be saved again
+                aside = self.directory / f"damaged-step-{step}"
+                shutil.rmtree(aside, ignore_errors=True)
+                (self.directory / "steps" / str(step)).rename(aside)
+                self.manager.reload()
                 warnings.warn(
                     f"checkpoint step {step} in {self.directory} is unreadable "
-                    f"({type(err).__name__}); trying an earlier one",
+                    f"({type(err).__name__}); moved to {aside.name}, trying an "
+                    "earlier one",
                     stacklevel=2,
                 )
         return None
