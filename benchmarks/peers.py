@@ -51,6 +51,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from importlib import metadata
 from pathlib import Path
 
@@ -665,12 +666,14 @@ def run_paoding(model, target, quick, log, workdir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     np.savez(run_dir / "dense.npz", *arrays)
     step = 0.05 if quick else 0.025  # paoding-dl's default step is 0.025
+    # paoding stops once a float sum of steps reaches the target (0.05 * 10 sums
+    # to 0.4999...): ask for a hair less so it stops after round(target / step)
     cfg = {
         "weights": str(run_dir / "dense.npz"),
         "units": [a.shape[1] for a in arrays[::2]],
         "input_shape": list(net.input_shape),
         "input_box": list(net.input_box),
-        "target": target,
+        "target": target - 1e-6,
         "step": step,
         "h5": str(run_dir / "model.h5"),
         "out": str(run_dir / "pruned.npz"),
@@ -724,7 +727,7 @@ def run_torch_pruning(model, target, log) -> dict:
         mods.append((name, lin))
         if i < len(names) - 1:
             mods.append((f"relu{i}", nn.ReLU()))
-    module = nn.Sequential(dict(mods)).eval()
+    module = nn.Sequential(OrderedDict(mods)).eval()
     dense_w = {n: getattr(module, n).weight.detach().clone() for n in names}
     example = torch.zeros(1, *net.input_shape[::-1])  # any shape flattening to 784
     t0 = time.perf_counter()
@@ -788,7 +791,10 @@ def quality(models, targets, generations, quick, log, workdir) -> list[dict]:
             base = {"model": model, "target": target}
             for label, kw in (
                 ("gapruning GA (default fitness)", {"strategy": "ga"}),
-                ("gapruning l1 (one-shot)", {"strategy": "l1"}),
+                (
+                    "gapruning l1 per layer (one-shot)",
+                    {"strategy": "l1", "per_group": True},
+                ),
             ):
                 t0 = time.perf_counter()
                 res = gp.prune(
@@ -811,9 +817,11 @@ def quality(models, targets, generations, quick, log, workdir) -> list[dict]:
                         "seconds": sec,
                         "removed_units": net.space.num_units - kept,
                         "hidden_units": net.space.num_units,
-                        "options": f"gp.prune({kw['strategy']!r}, budget='units', "
-                        f"fitness='default', generations={generations}, "
-                        f"population={POPULATION}, num_probes={NUM_PROBES}, seed=0)",
+                        "options": f"gp.prune(budget='units', fitness='default', "
+                        f"generations={generations}, population={POPULATION}, "
+                        f"num_probes={NUM_PROBES}, seed=0, "
+                        + ", ".join(f"{k}={v!r}" for k, v in kw.items())
+                        + ")",
                         **score(res.pruned),
                     }
                 )

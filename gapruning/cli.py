@@ -1,4 +1,4 @@
-"""The ``gapruning`` command: ``train``, ``eval``, ``list``, ``convert``.
+"""The ``gapruning`` command: ``train``, ``eval``, ``list``, ``convert``, ``bench``.
 
 Errors the user can fix (bad names, missing files, bad values) print one line and
 exit with status 2; ``--debug`` shows the full traceback instead.
@@ -354,6 +354,44 @@ def _cmd_show(args) -> None:
     Console().print(Markdown(report.read_text()))
 
 
+BENCHMARKS = ("peers",)
+
+
+def _benchmarks_dir() -> Path:
+    """The repository's ``benchmarks/`` folder (next to the installed package)."""
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (here / "common.py").is_file():
+        raise UsageError(
+            f"no benchmarks folder at {here}: the benchmarks ship with the "
+            "repository, not the package; run from an editable install "
+            "(pip install -e .) of a gapruning checkout"
+        )
+    return here
+
+
+def _cmd_bench(args) -> None:
+    import importlib.util
+
+    folder = _benchmarks_dir()
+    script = folder / f"{args.benchmark}.py"
+    if not script.is_file():
+        raise UsageError(f"benchmark script {script} is missing")
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"_bench_{args.benchmark}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--part", args.part, "--repeats", str(args.repeats)]
+    if args.quick:
+        argv.append("--quick")
+    if args.generations is not None:
+        argv += ["--generations", str(args.generations)]
+    if args.prune_generations is not None:
+        argv += ["--prune-generations", str(args.prune_generations)]
+    code = module.main(argv)
+    if code:
+        raise UsageError(f"benchmark {args.benchmark} exited with status {code}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gapruning", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -452,6 +490,20 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="print the report of a run directory")
     sh.add_argument("run_dir")
     sh.set_defaults(func=_cmd_show)
+
+    be = sub.add_parser(
+        "bench",
+        help="run a benchmark of the repository (writes benchmarks/results/)",
+    )
+    be.add_argument("benchmark", choices=BENCHMARKS)
+    be.add_argument("--quick", action="store_true", help="few generations, to check")
+    be.add_argument("--part", choices=("throughput", "quality", "all"), default="all")
+    be.add_argument("--repeats", type=int, default=3, help="timed repeats")
+    be.add_argument("--generations", type=int, help="generations of the timed GA")
+    be.add_argument(
+        "--prune-generations", type=int, help="gp.prune generations (quality)"
+    )
+    be.set_defaults(func=_cmd_bench)
 
     li = sub.add_parser("list", help="list architectures and shipped models")
     li.set_defaults(func=_cmd_list)
