@@ -723,7 +723,7 @@ def run_torch_pruning(model, target, log) -> dict:
         lin = nn.Linear(k.shape[0], k.shape[1])
         with torch.no_grad():
             lin.weight.copy_(torch.from_numpy(k.T.copy()))
-            lin.bias.copy_(torch.from_numpy(w[name]["bias"]))
+            lin.bias.copy_(torch.from_numpy(w[name]["bias"].copy()))
         mods.append((name, lin))
         if i < len(names) - 1:
             mods.append((f"relu{i}", nn.ReLU()))
@@ -789,25 +789,44 @@ def quality(models, targets, generations, quick, log, workdir) -> list[dict]:
         log(rows[-1])
         for target in targets:
             base = {"model": model, "target": target}
-            for label, kw in (
+            variants = [
                 ("gapruning GA (default fitness)", {"strategy": "ga"}),
                 (
                     "gapruning l1 per layer (one-shot)",
                     {"strategy": "l1", "per_group": True},
                 ),
-            ):
-                t0 = time.perf_counter()
-                res = gp.prune(
-                    gp.load(model),
-                    target=target,
-                    budget="units",
-                    generations=generations,
-                    population=POPULATION,
-                    num_probes=NUM_PROBES,
-                    seed=0,
-                    progress=False,
-                    **kw,
+            ]
+            if hasattr(gp, "recover"):  # data-free recovery, when the checkout has it
+                variants.append(
+                    (
+                        "gapruning GA + recover (merge, distill)",
+                        {"strategy": "ga", "recover": ("merge", "distill")},
+                    )
                 )
+            for label, kw in variants:
+                t0 = time.perf_counter()
+                try:
+                    res = gp.prune(
+                        gp.load(model),
+                        target=target,
+                        budget="units",
+                        generations=generations,
+                        population=POPULATION,
+                        num_probes=NUM_PROBES,
+                        seed=0,
+                        progress=False,
+                        **kw,
+                    )
+                except Exception as err:  # a variant failing is a result
+                    rows.append(
+                        {
+                            **base,
+                            "method": label,
+                            "error": f"{type(err).__name__}: {err}",
+                        }
+                    )
+                    log(rows[-1])
+                    continue
                 sec = time.perf_counter() - t0
                 kept = int(np.asarray(net.space.flat(res.masks)).sum())
                 rows.append(
@@ -904,6 +923,15 @@ def render(payload: dict) -> str:
             "",
         ]
         lines += [f"- {n}" for n in th["notes"]]
+        for r in th["rows"]:
+            tl = r["tools"]["torch_loop"]
+            ms = {
+                k: round(v, 1) for k, v in tl.get("forward_ms_by_threads", {}).items()
+            }
+            lines.append(
+                f"- torch threads chosen on {r['model']}: {tl.get('torch_threads')} "
+                f"(ms per forward by thread count: {ms})"
+            )
         goal = [
             f"{r['model']} {r['speedup_vs_torch_loop']['gapruning']:.1f}x"
             for r in th["rows"]
@@ -1092,13 +1120,18 @@ def main(argv=None) -> int:
                 "nn.Linear; its physically smaller layers are mapped back to the "
                 "dense shapes with zeros for removed units (checked against the "
                 "pruned torch module's outputs).",
-                "gp.recover (data-free recovery) "
-                + (
-                    "exists"
+                (
+                    "gp.recover exists in this checkout: the recovery row runs "
+                    "gp.prune(..., recover=('merge', 'distill'))."
                     if hasattr(gp_module(), "recover")
-                    else "does not exist yet"
-                )
-                + " in this checkout; no recovery row.",
+                    else "gp.recover (data-free recovery) does not exist yet in "
+                    "this checkout: no recovery row."
+                ),
+                "paoding-dl removes int(step * layer size) units per layer and "
+                "step (default step 0.025), so it may remove fewer units than "
+                "the target (see 'removed units'); that favours paoding-dl.",
+                "gapruning l1 per layer: gp.prune(strategy='l1', per_group=True), "
+                "the same per-layer ratio as the peers.",
                 "No method saw the test set; no fine-tuning anywhere.",
             ],
             "rows": rows,
