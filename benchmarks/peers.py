@@ -1127,9 +1127,10 @@ def main(argv=None) -> int:
                     else "gp.recover (data-free recovery) does not exist yet in "
                     "this checkout: no recovery row."
                 ),
-                "paoding-dl removes int(step * layer size) units per layer and "
-                "step (default step 0.025), so it may remove fewer units than "
-                "the target (see 'removed units'); that favours paoding-dl.",
+                "paoding-dl prunes a number of units per layer and step (default "
+                "step 0.025, its own rounding) until the summed steps reach the "
+                "target, so its removed count can differ from the target: see "
+                "'removed units' (counted from the weights it returns).",
                 "gapruning l1 per layer: gp.prune(strategy='l1', per_group=True), "
                 "the same per-layer ratio as the peers.",
                 "No method saw the test set; no fine-tuning anywhere.",
