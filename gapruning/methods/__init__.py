@@ -112,7 +112,7 @@ def run_method(name: str, ctx: MethodContext, options: Mapping[str, Any]):
     return result
 
 
-from . import oneshot  # noqa: E402,F401  (registers the one-shot criteria)
+from . import oneshot, paoding  # noqa: E402,F401  (registers the methods)
 
 __all__ = [
     "METHODS",
