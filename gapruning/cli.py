@@ -190,6 +190,14 @@ def _cmd_list(args) -> None:
     strategies = [(n, _first_line(f.__doc__)) for n, f in search.STRATEGIES.items()]
     strategies.append(("evosax:<Name>", "any evosax algorithm, e.g. evosax:CMA_ES"))
     console.print(table("search strategies (gapruning.search.STRATEGIES)", strategies))
+    from .methods import METHODS
+
+    console.print(
+        table(
+            "pruning methods (gapruning.methods.METHODS; --strategy NAME)",
+            [(n, m.description) for n, m in METHODS.items()],
+        )
+    )
     console.print(
         table("fitness metrics (gapruning.fitness.METRICS)", fitness.describe_metrics())
     )
