@@ -1,6 +1,6 @@
 """gapruning: data-free pruning of pretrained networks with jitted genetic search."""
 
-from . import convert, data, fitness, models, search
+from . import convert, data, fitness, models, recover, search
 from .compact import compact, param_count
 from .encoding import Budget, ProfileEncoding, UnitEncoding, WeightEncoding
 from .evaluate import evaluate
@@ -31,6 +31,7 @@ __all__ = [
     "param_count",
     "population_apply",
     "prune",
+    "recover",
     "save",
     "search",
 ]
