@@ -26,7 +26,7 @@ from .encoding import Budget, ProfileEncoding, UnitEncoding, l1_unit_scores
 from .methods import METHODS, MethodContext, MethodResult, run_method
 from .progress import progress_bar
 from .space import PruneSpace
-from .zoo import Pretrained, load
+from .zoo import Pretrained, check_finite, load
 
 ENCODINGS = ("units", "profile")
 DTYPES = ("float32", "bfloat16")
@@ -166,6 +166,7 @@ def prune(
     net = load(net) if isinstance(net, str | Path) else net
     if not isinstance(net, Pretrained):
         raise TypeError(f"net must be a gp.Pretrained or a model name, got {type(net)}")
+    check_finite(net.model, f"cannot prune {net.name}")
     if generations < 1:
         raise ValueError(f"generations must be at least 1, got {generations}")
     if population < 2:
