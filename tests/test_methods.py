@@ -322,3 +322,25 @@ def test_paoding_modes_progress_to_the_budget(no_datasets, mode):
 def test_paoding_rejects_unknown_modes(mlp):
     with pytest.raises(ValueError, match="unknown paoding mode"):
         _run(mlp, "paoding", strategy_options={"mode": "greedy"})
+
+
+def test_neuron_merging_of_scaled_copies_never_changes_outputs(no_datasets):
+    """Units 1 and 3 are positive multiples (0.5x) of units 0 and 2: L1 keeps 0
+    and 2, and merging 1 into 0 and 3 into 2 is exact under ReLU."""
+    rng = np.random.default_rng(7)
+    net = tiny_mlp(hidden=(4, 4))
+    for name, fan_in in (("fc1", 16), ("fc2", 4)):
+        w = rng.normal(0, 0.5, (fan_in, 2)).astype(np.float32)
+        b = rng.normal(0, 0.1, 2).astype(np.float32)
+        scale = np.array([1.0, 0.5], np.float32)
+        layer = net.model.layers[name]
+        layer.kernel[...] = jnp.asarray(
+            np.stack([w[:, 0], 0.5 * w[:, 0], w[:, 1], 0.5 * w[:, 1]], 1)
+        )
+        layer.bias[...] = jnp.asarray(np.repeat(b, 2) * np.tile(scale, 2))
+    x = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (32, 4, 4, 1)), jnp.float32)
+    dense = np.asarray(net.model(x))
+    result = gp.prune(net, "neuron_merging", 0.5, per_group=True, **SMALL)
+    for g in ("fc1", "fc2"):
+        np.testing.assert_array_equal(result.masks[g], [True, False, True, False])
+    np.testing.assert_allclose(result.pruned.model(x), dense, rtol=1e-4, atol=1e-5)

@@ -112,7 +112,8 @@ def run_method(name: str, ctx: MethodContext, options: Mapping[str, Any]):
     return result
 
 
-from . import oneshot, paoding  # noqa: E402,F401  (registers the methods)
+from . import neuron_merging, oneshot, paoding  # noqa: E402,F401  (registers them)
+from . import ga_scores, gwcs, profile  # noqa: E402,F401
 
 __all__ = [
     "METHODS",
