@@ -283,6 +283,8 @@ def _cmd_prune(args) -> None:
         raise UsageError(
             f"--checkpoint-every must be 0 (never) or more, got {args.checkpoint_every}"
         )
+    if args.distill_steps < 0:
+        raise UsageError(f"--distill-steps must be 0 or more, got {args.distill_steps}")
     created = not out.exists()
     try:
         _prune_into(args, out)
@@ -330,6 +332,9 @@ def _prune_into(args, out: Path) -> None:
         resume=args.resume,
         dtype=args.dtype,
         chunk_size=_chunk_size(args.chunk_size),
+        repair=args.repair,
+        recover=("distill",) if args.distill_steps else (),
+        recover_options={"distill": {"steps": args.distill_steps}},
     )
     report = write_run(result, out, overwrite=True)
     p, f = report["params"], report["flops"]
@@ -489,6 +494,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size",
         default="auto",
         help="individuals evaluated at once: N, 'auto' (memory-bounded) or 'none'",
+    )
+    pr.add_argument(
+        "--repair",
+        choices=("merge", "lstsq"),
+        help="score each individual after merging compensation, and compensate "
+        "the result (merge: Neuron Merging; lstsq: least squares on probes)",
+    )
+    pr.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="distill the pruned model from the dense one on probes (N steps)",
     )
     pr.add_argument("--out", required=True, help="run directory")
     pr.add_argument("--overwrite", action="store_true")

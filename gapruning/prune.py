@@ -12,7 +12,7 @@ import hashlib
 import json
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import recover as recover_lib
 from . import search
-from .compact import compact, param_count
+from .compact import compact, param_count, sparsify
 from .encoding import Budget, ProfileEncoding, UnitEncoding, l1_unit_scores
 from .methods import METHODS, MethodContext, MethodResult, run_method
 from .progress import progress_bar
@@ -47,18 +48,28 @@ class PruneResult:
     def report(self) -> dict:
         """A JSON-able summary: costs before/after, kept units per group, timing."""
         space = self.net.space
-        kept = space.kept(self.masks)
+        card = self.pruned.card.get("pruning", {})
+        unstructured = card.get("kind") == "unstructured"
         s = self.search
+        if unstructured:  # kernel masks: nonzero weights and MACs, no unit removed
+            kept = dict(zip(space.group_names, space.sizes, strict=True))
+            after_params, after_flops = card["params"]["after"], card["flops"]["after"]
+        else:
+            kept = space.kept(self.masks)
+            after_params = param_count(self.pruned)
+            after_flops = int(space.flops(self.masks))
+        extra = {}
+        if unstructured:
+            keys = ("kept_weights", "layer_sizes", "nonzero_params")
+            extra = {"unstructured": {k: card[k] for k in keys}}
         return {
             "model": self.net.name,
             "settings": self.settings,
-            "params": {"before": space.dense_params, "after": param_count(self.pruned)},
-            "flops": {
-                "before": space.dense_flops,
-                "after": int(space.flops(self.masks)),
-            },
+            "params": {"before": space.dense_params, "after": after_params},
+            "flops": {"before": space.dense_flops, "after": after_flops},
             "units": {"before": space.num_units, "after": int(sum(kept.values()))},
             "groups": [dict(row, kept=kept[row["group"]]) for row in space.describe()],
+            **extra,
             "fitness": {
                 "best": s.best_fitness,
                 "first_generation_best": _first(self.history.get("best")),
@@ -129,6 +140,9 @@ def prune(
     devices=None,
     dtype: str | None = None,
     chunk_size: int | str | None = "auto",
+    repair: str | None = None,
+    recover: Sequence[str] = (),
+    recover_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PruneResult:
     """Prunes ``net`` without data.
 
@@ -155,6 +169,13 @@ def prune(
             the compacted result stays float32). ``None``: the model's dtype.
         chunk_size: individuals evaluated at once by the fitness (``"auto"``:
             bounded by activation memory, see ``gp.forward.auto_chunk_size``).
+        repair: score every individual after merging compensation (``"merge"``:
+            Neuron Merging, or ``"lstsq"``; see :mod:`gapruning.recover`); the
+            result is then compensated the same way.
+        recover: data-free recovery of the found masks, in order: a merge
+            (``"merge"``/``"lstsq"``) before compaction, ``"distill"`` after.
+        recover_options: ``{"merge": {...}, "distill": {...}}`` keyword
+            arguments of ``gp.recover.merge`` / ``gp.recover.distill``.
 
     Returns:
         A :class:`PruneResult`.
@@ -191,6 +212,7 @@ def prune(
             f"population {population} is not divisible by the {n_devices} devices; "
             "choose a multiple of the device count"
         )
+    merge_method, distill = _recovery_plan(repair, recover, fitness)
     space = net.space
     budget_spec = Budget(budget, float(target), per_group=per_group, min_keep=min_keep)
     settings = {
@@ -214,6 +236,36 @@ def prune(
         settings["dtype"] = str(dtype)
     if chunk_size != "auto":
         settings["chunk_size"] = chunk_size
+    if repair or recover:
+        settings["repair"] = repair
+        settings["recover"] = [recover] if isinstance(recover, str) else list(recover)
+    rec_opts = {k: dict(v) for k, v in (recover_options or {}).items()}
+    # the search scores, and the result gets, the same repair (lstsq: on probes of
+    # the fitness's kind, with another seed than the fitness's own probes)
+    merge_opts = {"seed": seed + 1, "num_probes": num_probes}
+    merge_opts.update(rec_opts.get("merge", {}))
+    if isinstance(probes, str):
+        merge_opts.setdefault("probes", probes)
+
+    def make_fit():
+        fit = _fitness(net, fitness, probes, num_probes, seed, dtype, chunk_size)
+        if repair is None:
+            return fit
+        return recover_lib.repaired_fitness(fit, repair, **merge_opts)
+
+    def finish(base: Pretrained, masks) -> Pretrained:
+        """Merge (optional), compact, distill (optional)."""
+        if merge_method is not None:
+            base = recover_lib.merge(base, masks, method=merge_method, **merge_opts)
+        small = compact(base, masks)
+        if distill:
+            opts = {"seed": seed, "progress": progress, "num_probes": num_probes}
+            if isinstance(probes, str):
+                opts["probes"] = probes
+            opts.update(rec_opts.get("distill", {}))
+            small = recover_lib.distill(small, net, masks=masks, **opts)
+        return small
+
     if strategy in METHODS:
         ctx = MethodContext(
             net,
@@ -222,12 +274,13 @@ def prune(
             population=population,
             generations=generations,
             progress=progress,
-            make_fitness=lambda: _fitness(
-                net, fitness, probes, num_probes, seed, dtype, chunk_size
-            ),
+            make_fitness=make_fit,
         )
         found = run_method(strategy, ctx, strategy_options or {})
-        pruned = compact(found.net, found.masks)
+        if METHODS[strategy].structured:
+            pruned = finish(found.net, found.masks)
+        else:  # kernel masks: same shapes, pruned weights zeroed
+            pruned = sparsify(found.net, found.masks)
         pruned.card["pruning"]["method"] = {
             "search": settings,
             "best_fitness": found.best_fitness,
@@ -251,7 +304,7 @@ def prune(
         raise ValueError(
             f"strategy {strategy!r} evolves one bit per unit; use encoding='units'"
         )
-    fit = _fitness(net, fitness, probes, num_probes, seed, dtype, chunk_size)
+    fit = make_fit()
     problem = search.Problem(
         enc.decode,
         fit,
@@ -298,12 +351,32 @@ def prune(
             resume=resume,
         )
     masks = result.best_masks
-    pruned = compact(net, masks)
+    pruned = finish(net, masks)
     pruned.card["pruning"]["method"] = {
         "search": settings,
         "best_fitness": result.best_fitness,
     }
     return PruneResult(masks, pruned, result.history, net, result, settings)
+
+
+def _recovery_plan(repair, steps, fitness) -> tuple[str | None, bool]:
+    """``(merge method or None, distill?)`` from ``repair`` and ``recover``."""
+    known = (*recover_lib.REPAIR_ALIASES, "distill")
+    steps = (steps,) if isinstance(steps, str) else tuple(steps)
+    unknown = [s for s in steps if s not in known]
+    if unknown:
+        raise ValueError(f"unknown recover step(s) {unknown}; known: {known}")
+    if repair is not None and repair not in recover_lib.REPAIR_ALIASES:
+        raise ValueError(
+            f"unknown repair {repair!r}; known: {tuple(recover_lib.REPAIR_ALIASES)}"
+        )
+    if repair is not None and callable(fitness):
+        raise ValueError("repair needs a composed fitness (a spec), not a callable")
+    named = [s for s in (repair, *steps) if s not in (None, "distill")]
+    merges = {recover_lib.REPAIR_ALIASES[s] for s in named}
+    if len(merges) > 1:
+        raise ValueError(f"choose one merge method, got {sorted(merges)}")
+    return (next(iter(merges)) if merges else None), "distill" in steps
 
 
 def _zscore_per_group(scores: np.ndarray, space: PruneSpace) -> np.ndarray:

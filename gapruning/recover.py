@@ -363,3 +363,256 @@ def merge(
     card = dict(pretrained.card)
     card["repair"] = {"method": repair.method, **options}
     return Pretrained(model, card)
+
+
+# ------------------------------------------------------------------ in the fitness
+
+
+def repaired_fitness(fit, method: str = "cosine", probes=None, **options):
+    """A copy of the composed fitness ``fit`` that scores every individual after
+    merging compensation: ``fit.single(masks)`` runs on ``Repair(masks)``.
+
+    Cost: per individual, the compensated consumer kernels are materialized
+    (``population chunk x consumer weights`` more memory; the chunking of the
+    fitness bounds it) and ``"lstsq"`` solves one ``rows x rows`` system per
+    consumer (``rows`` = its fan-in: 300 and 100 on LeNet-300-100, up to
+    ``9 x 64`` on ResNet-20), i.e. ``O(sum fan_in^3)`` flops per individual;
+    ``"cosine"`` costs one argmax and one ``units x units`` matmul per consumer.
+    The weights of layers that read no pruned tensor stay shared.
+
+    Args:
+        fit: a :class:`~gapruning.fitness.compose.Fitness`.
+        method, probes, **options: as :class:`Repair`. ``"lstsq"`` defaults to
+            probes of the fitness's kind with seed 1 (``compose``'s default seed
+            is 0), so it is not fit on the very probes it is scored on.
+    """
+    if probes is None and fit.probe_kind not in (None, "array"):
+        probes = fit.probe_kind
+    options.setdefault("seed", 1)
+    return fit.with_repair(Repair(fit.pretrained, method, probes, **options))
+
+
+# ------------------------------------------------------------------ distillation
+
+
+def recalibrate_batchnorm(
+    student: Pretrained,
+    probes: jax.Array,
+    teacher: Pretrained | None = None,
+    masks: Mapping | None = None,
+) -> Pretrained:
+    """Re-estimates every BatchNorm's running statistics on ``probes``, layer by
+    layer in graph order (each layer's statistics after the earlier ones are
+    updated). With the ``teacher`` and the ``masks`` that made the student, the
+    estimate is shift-corrected: ``mean = running + (student - teacher)`` and
+    ``var = running * student / teacher`` on the probes, so only the change the
+    pruning causes is applied, not the probes' own mismatch with the data.
+    Modifies ``student`` in place and returns it."""
+    from .probes import bn_batch_stats
+
+    net = student.model
+    nodes = batchnorm_nodes(net)
+    if not nodes:
+        return student
+    reference = None
+    if teacher is not None and masks is not None:
+        space = teacher.space
+        reference = {}
+        t_stats = bn_batch_stats(teacher, probes)
+        for n in nodes:
+            group = space.group_of(n.name)
+            keep = (
+                np.arange(n.shape[-1])
+                if group is None
+                else np.flatnonzero(np.asarray(masks[group]).astype(bool))
+            )
+            layer = teacher.model.layers[n.name]
+            mean, var = t_stats[n.name]
+            reference[n.name] = (
+                mean[keep],
+                var[keep],
+                layer.mean[...][keep],
+                layer.var[...][keep],
+            )
+    graphdef, _ = nnx.split(net)
+    stats = jax.jit(lambda s, x: bn_batch_stats(nnx.merge(graphdef, s), x))
+    for n in nodes:
+        mean, var = stats(nnx.state(net), probes)[n.name]
+        if reference is not None:
+            t_mean, t_var, r_mean, r_var = reference[n.name]
+            mean = r_mean + (mean - t_mean)
+            var = r_var * var / jnp.maximum(t_var, 1e-8)
+        net.layers[n.name].mean[...] = mean
+        net.layers[n.name].var[...] = var
+    return student
+
+
+def _kl(teacher_logits, student_logits, temperature: float) -> jax.Array:
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))``, mean over the batch."""
+    t = jax.nn.log_softmax(teacher_logits / temperature)
+    s = jax.nn.log_softmax(student_logits / temperature)
+    return temperature**2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
+
+
+def distill_loss(
+    student: Pretrained,
+    teacher: Pretrained,
+    probes: jax.Array,
+    temperature: float = 4.0,
+) -> float:
+    """The distillation KL (see :func:`distill`) of ``student`` to ``teacher``."""
+    return float(_kl(teacher.model(probes), student.model(probes), temperature))
+
+
+def distill(
+    pruned: Pretrained,
+    teacher: Pretrained,
+    probes="auto",
+    steps: int = 500,
+    optimizer=None,
+    temperature: float = 4.0,
+    seed: int = 0,
+    progress: bool = False,
+    *,
+    num_probes: int = 512,
+    batch_size: int = 128,
+    regenerate: bool = True,
+    masks: Mapping | None = None,
+    feature_weight: float = 0.0,
+    recalibrate_bn: bool = True,
+) -> Pretrained:
+    """Trains the compacted ``pruned`` network to match the dense ``teacher``'s
+    logits on synthetic probes (knowledge distillation, Hinton et al., 2015, on
+    data-free probes as in DAFL / DeepInversion, Chen et al., 2019; Yin et al.,
+    2020). Never reads a dataset.
+
+    Each step is one jitted Adam (or ``optimizer``) update on a batch of probes;
+    an epoch is a pass over ``num_probes`` probes, and with ``regenerate`` a new
+    probe set (seed ``seed + epoch``) is made every epoch. BatchNorm layers are in
+    inference mode during training; their statistics are re-estimated on the
+    probes before training (:func:`recalibrate_batchnorm`, shift-corrected when
+    ``masks`` are given).
+
+    Args:
+        pruned: the compacted network (the student); not modified.
+        teacher: the dense network.
+        probes: a probe kind (``"auto"``: ``bn_stats`` with BatchNorm, else
+            ``inversion``) or an array of model inputs (then never regenerated).
+        steps: optimizer steps.
+        optimizer: an ``optax`` transformation (default ``adam(1e-3)``).
+        temperature: softmax temperature of the KL.
+        seed: probe and batch-order randomness.
+        progress: draw a progress bar.
+        num_probes, batch_size: probes per epoch, probes per step.
+        regenerate: new probes every epoch (probe kinds only).
+        masks: the masks that made ``pruned`` from ``teacher`` (group -> kept
+            units); needed by ``feature_weight`` and the shift-corrected BN
+            re-estimation.
+        feature_weight: weight of a feature term: mean squared error, relative to
+            the teacher's energy, between the student's pruned tensors and the
+            teacher's on the kept channels.
+        recalibrate_bn: re-estimate BatchNorm statistics on the probes first.
+
+    Returns:
+        A new :class:`Pretrained` with the trained weights; its card records the
+        distillation settings and the KL before/after on the last probes.
+    """
+    import optax
+
+    from .progress import progress_bar
+
+    pruned, teacher = _pretrained(pruned), _pretrained(teacher)
+    if steps < 1:
+        raise RecoverError(f"steps must be at least 1, got {steps}")
+    if temperature <= 0:
+        raise RecoverError(f"temperature must be positive, got {temperature}")
+    if pruned.model.input_shape != teacher.model.input_shape:
+        raise RecoverError(
+            f"student input shape {pruned.model.input_shape} differs from the "
+            f"teacher's {teacher.model.input_shape}"
+        )
+    if pruned.model.num_outputs != teacher.model.num_outputs:
+        raise RecoverError("student and teacher have different numbers of outputs")
+    if feature_weight > 0 and masks is None:
+        raise RecoverError("feature_weight needs the masks that made the student")
+    if masks is not None:
+        teacher.space.validate(masks)
+    fixed = not isinstance(probes, str)
+    kind = probes
+    if probes == "auto":
+        kind = "bn_stats" if batchnorm_nodes(teacher) else "inversion"
+
+    def probe_set(epoch: int) -> jax.Array:
+        if fixed:
+            return make_probes(teacher, probes)
+        return make_probes(teacher, kind, num_probes, seed + epoch, cache=False)
+
+    student = Pretrained(nnx.clone(pruned.model), dict(pruned.card))
+    x = probe_set(0)
+    batch_size = min(batch_size, len(x))
+    if recalibrate_bn:
+        recalibrate_batchnorm(student, x, teacher, masks)
+
+    taps = ()
+    keep = {}
+    if feature_weight > 0:
+        cons = consumers(teacher.model)
+        taps = tuple(dict.fromkeys(c.tensor for c in cons))
+        for c in cons:
+            keep[c.tensor] = np.flatnonzero(np.asarray(masks[c.group]).astype(bool))
+    tx = optimizer if optimizer is not None else optax.adam(1e-3)
+    graphdef, params, rest = nnx.split(student.model, nnx.Param, ...)
+    t_graph, t_state = nnx.split(teacher.model)
+    opt_state = tx.init(params)
+
+    def forward(model, xb):
+        return model(xb, taps=taps) if taps else (model(xb), {})
+
+    def loss_fn(params, rest, t_state, xb):
+        t_out, t_taps = forward(nnx.merge(t_graph, t_state), xb)
+        s_out, s_taps = forward(nnx.merge(graphdef, params, rest), xb)
+        loss = _kl(jax.lax.stop_gradient(t_out), s_out, temperature)
+        if taps:
+            feat = [
+                jnp.mean((s_taps[t] - t_taps[t][..., keep[t]]) ** 2)
+                / (jnp.mean(t_taps[t] ** 2) + 1e-8)
+                for t in taps
+            ]
+            loss = loss + feature_weight * sum(feat) / len(feat)
+        return loss
+
+    @jax.jit
+    def step(params, opt_state, rest, t_state, xb):
+        loss, grads = jax.value_and_grad(loss_fn)(params, rest, t_state, xb)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    before = distill_loss(student, teacher, x, temperature)
+    per_epoch = max(1, len(x) // batch_size)
+    key = jax.random.key(seed)
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"distill {pruned.name}", total=steps)
+        for i in range(steps):
+            epoch, b = divmod(i, per_epoch)
+            if b == 0:
+                if epoch > 0 and regenerate and not fixed:
+                    x = probe_set(epoch)
+                order = jax.random.permutation(jax.random.fold_in(key, epoch), len(x))
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            params, opt_state, loss = step(params, opt_state, rest, t_state, x[idx])
+            if progress:
+                bar.update(
+                    task, completed=i + 1, description=f"distill  KL {float(loss):.4g}"
+                )
+    student.model = nnx.merge(graphdef, params, rest)
+    student.card = dict(student.card)
+    student.card["distill"] = {
+        "steps": int(steps),
+        "temperature": float(temperature),
+        "probes": "array" if fixed else kind,
+        "num_probes": int(len(x)),
+        "feature_weight": float(feature_weight),
+        "kl_before": before,
+        "kl_after": distill_loss(student, teacher, x, temperature),
+    }
+    return student

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from fitness_nets import random_net, random_unit_masks, row, tiny_all_ops, tiny_bn
+from flax import nnx
 
 import gapruning as gp
 from gapruning import recover
@@ -32,6 +33,18 @@ def tiny_conv_bn(seed: int = 0) -> gp.Pretrained:
     x = g.flatten(g.maxpool(x, 2, name="p1"), name="fl")
     net = random_net(g.build(g.dense(x, 3, name="out")), seed)
     return gp.Pretrained(net, {"name": "convbn", "input": {"box": [-1.0, 1.0]}})
+
+
+def _kl_reference(teacher_logits, student_logits, t):
+    """T^2 * mean_b KL(softmax(teacher / T) || softmax(student / T)), float64."""
+
+    def log_softmax(z):
+        z = np.asarray(z, np.float64) / t
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(teacher_logits), log_softmax(student_logits)
+    return t * t * float(np.mean(np.sum(np.exp(lp) * (lp - lq), -1)))
 
 
 def _inputs(net, num=64, seed=1):
@@ -185,3 +198,198 @@ def test_merge_errors():
         recover.merge(net, net.space.full_masks(), method="average")
     with pytest.raises(gp.MaskError):
         recover.merge(net, {"fc1": np.ones(8, bool)})
+
+
+# ------------------------------------------------------------------ in the fitness
+
+
+@pytest.mark.parametrize("method", ["cosine", "lstsq"])
+def test_repaired_fitness_scores_the_repaired_network(method):
+    """fit(pop)[i] is the fidelity (T=4 KL to the dense outputs) of individual i
+    after its repair, the same repair ``merge`` gives (probe seed 1)."""
+    net = tiny_bn()
+    fit = gp.fitness.compose(net, "fidelity", probes="gaussian", num_probes=32)
+    rfit = recover.repaired_fitness(fit, method, num_probes=64)
+    pop = random_unit_masks(net.space, 2, 0.5, seed=4)
+    scores = rfit(pop)
+    dense = net.model(fit.probes)
+    for i in range(2):
+        masks = {g: np.asarray(m, bool) for g, m in row(pop, i).items()}
+        repaired = recover.merge(
+            net, masks, method=method, probes="gaussian", num_probes=64, seed=1
+        )
+        logits = gp.masked_apply(repaired, masks, fit.probes)
+        want = _kl_reference(dense, logits, 4.0)
+        np.testing.assert_allclose(scores[i], want, rtol=1e-3, atol=1e-6)
+        assert abs(float(scores[i]) - float(fit.single(row(pop, i)))) > 1e-6
+
+
+# ------------------------------------------------------------------ distillation
+
+
+def test_distill_lowers_kl_on_held_out_probes():
+    net = tiny_bn()
+    masks = {
+        g: np.asarray(m, bool)
+        for g, m in row(random_unit_masks(net.space, 1, 0.5, seed=5), 0).items()
+    }
+    small = gp.compact(net, masks)
+    held_out = gp.make_probes(net, "gaussian", 256, seed=123)
+    student = recover.distill(
+        small,
+        net,
+        probes="gaussian",
+        steps=60,
+        num_probes=128,
+        batch_size=64,
+        masks=masks,
+        feature_weight=0.1,
+        seed=0,
+    )
+    t = net.model(held_out)
+    before = _kl_reference(t, small.model(held_out), 4.0)
+    after = _kl_reference(t, student.model(held_out), 4.0)
+    assert after < 0.6 * before, (before, after)
+    np.testing.assert_allclose(
+        recover.distill_loss(student, net, held_out), after, rtol=1e-4
+    )
+    assert student.card["distill"]["steps"] == 60
+    # the input model is not modified
+    np.testing.assert_allclose(
+        small.model(held_out), gp.compact(net, masks).model(held_out), 1e-6
+    )
+
+
+def test_recalibrate_batchnorm_layer_by_layer():
+    """Plain re-estimation equals each BN's batch statistics on the probes,
+    computed after the earlier BNs were updated; with the dense teacher and full
+    masks the shift-corrected version leaves the statistics unchanged."""
+    net = tiny_bn()
+    x = gp.make_probes(net, "gaussian", 64, seed=2)
+    copy = gp.Pretrained(nnx.clone(net.model), dict(net.card))
+    recover.recalibrate_batchnorm(copy, x)
+    h = jax.nn.relu
+    for name in ("b1", "b2"):
+        layer = copy.model.layers[name]
+        _, taps = copy.model(
+            x,
+            taps=(
+                copy.model.nodes[[n.name for n in copy.model.nodes].index(name)].inputs[
+                    0
+                ],
+            ),
+        )
+        v = np.asarray(next(iter(taps.values())), np.float64)
+        axes = tuple(range(v.ndim - 1))
+        np.testing.assert_allclose(layer.mean[...], v.mean(axes), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer.var[...], v.var(axes), rtol=1e-3, atol=1e-5)
+    del h
+    same = gp.Pretrained(nnx.clone(net.model), dict(net.card))
+    recover.recalibrate_batchnorm(same, x, net, net.space.full_masks())
+    for name in ("b1", "b2"):
+        np.testing.assert_allclose(
+            same.model.layers[name].mean[...],
+            net.model.layers[name].mean[...],
+            rtol=1e-4,
+            atol=1e-5,
+        )
+        np.testing.assert_allclose(
+            same.model.layers[name].var[...],
+            net.model.layers[name].var[...],
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+def test_distill_errors():
+    net = tiny_mlp()
+    with pytest.raises(recover.RecoverError, match="steps"):
+        recover.distill(net, net, steps=0)
+    with pytest.raises(recover.RecoverError, match="masks"):
+        recover.distill(net, net, steps=1, feature_weight=1.0)
+    with pytest.raises(recover.RecoverError, match="input shape"):
+        recover.distill(net, tiny_bn(), steps=1)
+
+
+# ------------------------------------------------------------------ gp.prune, CLI
+
+
+def test_prune_with_repair_and_recovery():
+    net = tiny_mlp()
+    kw = dict(
+        strategy="ga",
+        target=0.5,
+        fitness="fidelity",
+        generations=2,
+        population=4,
+        num_probes=32,
+        probes="gaussian",
+        progress=False,
+    )
+    merged = gp.prune(net, repair="lstsq", **kw)
+    want = gp.compact(
+        recover.merge(
+            net, merged.masks, method="lstsq", probes="gaussian", num_probes=32, seed=1
+        ),
+        merged.masks,
+    )
+    x = _inputs(net)
+    np.testing.assert_allclose(merged.pruned.model(x), want.model(x), 1e-5, 1e-5)
+    assert merged.settings["repair"] == "lstsq"
+    # the search scored repaired individuals: its best fitness is the repaired one
+    fit = gp.fitness.compose(net, "fidelity", probes="gaussian", num_probes=32)
+    rfit = recover.repaired_fitness(fit, "lstsq", num_probes=32, seed=1)
+    best = {g: jnp.asarray(m, jnp.float32) for g, m in merged.masks.items()}
+    np.testing.assert_allclose(merged.search.best_fitness, rfit.single(best), 1e-5)
+    assert abs(merged.search.best_fitness - float(fit.single(best))) > 1e-6
+    distilled = gp.prune(
+        net,
+        recover=("merge", "distill"),
+        recover_options={
+            "distill": {"steps": 3, "num_probes": 32, "probes": "gaussian"}
+        },
+        **kw,
+    )
+    assert distilled.pruned.card["distill"]["steps"] == 3
+    assert distilled.pruned.card["repair"]["method"] == "cosine"
+    with pytest.raises(ValueError, match="unknown recover"):
+        gp.prune(net, recover=("finetune",), **kw)
+    with pytest.raises(ValueError, match="one merge method"):
+        gp.prune(net, repair="merge", recover=("lstsq",), **kw)
+
+
+def test_cli_repair_and_distill_flags(tmp_path, monkeypatch):
+    from gapruning import cli, zoo
+
+    net = tiny_mlp()
+    zoo.save(net, tmp_path / "mlp")
+    out = tmp_path / "run"
+    cli.main(
+        [
+            "prune",
+            "--model",
+            str(tmp_path / "mlp"),
+            "--target",
+            "0.5",
+            "--generations",
+            "2",
+            "--population",
+            "4",
+            "--num-probes",
+            "32",
+            "--probes",
+            "gaussian",
+            "--fitness",
+            "fidelity",
+            "--repair",
+            "merge",
+            "--distill-steps",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    pruned = gp.load(out / "model")
+    assert pruned.card["distill"]["steps"] == 2
+    assert pruned.card["repair"]["method"] == "cosine"

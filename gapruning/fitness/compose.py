@@ -12,6 +12,7 @@ scores ``+inf``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -118,6 +119,7 @@ class Fitness:
         self.probes = probes
         self.probe_kind = probe_kind
         self.chunk_size = chunk_size
+        self.repair: Callable[[Mapping], Any] | None = None
         self._fns: list[tuple[Term, Any, Callable]] = []
         for term in terms:
             cache, fn = METRICS[term.metric].build(pretrained, probes, **term.params)
@@ -127,6 +129,20 @@ class Fitness:
         if normalize:
             self.scales = self._calibrate(seed)
         self._batched = jax.jit(self._batch)
+
+    def with_repair(self, repair: Callable[[Mapping], Any]) -> Fitness:
+        """A copy scoring each individual on ``repair(masks)`` (a network with
+        compensated weights, see :class:`gapruning.recover.Repair`) instead of the
+        dense network; probes, caches and normalization are shared."""
+        new = copy.copy(self)
+        new.repair = repair
+        new._batched = jax.jit(new._batch)
+        new._batched_components = jax.jit(new._batch_components)
+        return new
+
+    def _pruned_apply(self, masks) -> PrunedApply:
+        net = self.pretrained.model if self.repair is None else self.repair(masks)
+        return PrunedApply(net, share=True)
 
     def _calibrate(self, seed: int) -> dict[str, float]:
         """Mean of each term over random masks removing half the units."""
@@ -164,14 +180,14 @@ class Fitness:
         }
 
     def _components(self, masks) -> dict[str, jax.Array]:
-        apply = PrunedApply(self.pretrained.model, share=True)
+        apply = self._pruned_apply(masks)
         return self._values(masks, apply, self._consts())
 
     def single(self, masks: Mapping) -> jax.Array:
         """The fitness of one individual (masks without a population axis)."""
         # the terms and the finiteness check share each forward pass (XLA's CSE
         # did not merge them inside the engine's scan)
-        apply = PrunedApply(self.pretrained.model, share=True)
+        apply = self._pruned_apply(masks)
         consts = self._consts()
         values = self._values(masks, apply, consts)
         total = sum(
