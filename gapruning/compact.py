@@ -108,3 +108,51 @@ def param_count(model: Pretrained | Net) -> int:
     """Number of parameter elements (``nnx.Param``) of a model."""
     net = model.model if isinstance(model, Pretrained) else model
     return sum(int(x.size) for x in jax.tree.leaves(nnx.state(net, nnx.Param)))
+
+
+def sparsify(pretrained: Pretrained, kernel_masks: Mapping) -> Pretrained:
+    """Unstructured pruning: a copy of ``pretrained`` (same architecture and
+    shapes) whose Dense/Conv kernels are zeroed where ``kernel_masks`` (layer name
+    -> kernel-shaped bool/0-1 array) is false. Its outputs equal
+    ``gp.masked_apply(pretrained, kernel_masks, x)``; its card records nonzero
+    parameter counts and nonzero kernel multiply-accumulates before/after."""
+    from .forward import _with_kernel_masks, mask_kind
+
+    net = pretrained.model
+    if mask_kind(net, kernel_masks) != "weights":
+        raise ValueError("sparsify takes kernel masks keyed by Dense/Conv layer name")
+    for name, m in kernel_masks.items():
+        want = tuple(net.layers[name].kernel[...].shape)
+        if tuple(np.shape(m)) != want:
+            raise ValueError(
+                f"kernel mask {name!r} has shape {np.shape(m)}, expected {want}"
+            )
+    masks = {k: np.asarray(v).astype(bool) for k, v in kernel_masks.items()}
+    sparse = _with_kernel_masks(net, masks)
+    space = pretrained.space
+
+    def nonzero(model: Net) -> int:
+        leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+        return sum(int(np.count_nonzero(np.asarray(x))) for x in leaves)
+
+    def macs(model: Net) -> int:
+        total = 0
+        for n in model.nodes:
+            if n.op in ("dense", "conv"):
+                area = math.prod(n.shape[:-1]) if n.op == "conv" else 1
+                kernel = np.asarray(model.layers[n.name].kernel[...])
+                total += area * int(np.count_nonzero(kernel))
+        return total
+
+    card = dict(pretrained.card)
+    card["name"] = f"{pretrained.name}-sparse"
+    card["pruning"] = {
+        "parent": pretrained.name,
+        "kind": "unstructured",
+        "kept_weights": {k: int(v.sum()) for k, v in masks.items()},
+        "layer_sizes": {k: int(v.size) for k, v in masks.items()},
+        "params": {"before": space.dense_params, "after": nonzero(sparse)},
+        "nonzero_params": {"before": nonzero(net), "after": nonzero(sparse)},
+        "flops": {"before": space.dense_flops, "after": macs(sparse)},
+    }
+    return Pretrained(sparse, card)
