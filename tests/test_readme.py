@@ -1,7 +1,10 @@
 """The README's commands and examples are true."""
 
+import argparse
 import re
 from pathlib import Path
+
+import pytest
 
 from gapruning import models
 
@@ -41,3 +44,48 @@ def test_adding_a_model_example_runs():
         assert set(net.masks) == {"conv1"}
     finally:
         models.MODELS.pop("tiny_cnn", None)
+
+
+TESTED = "<!-- runs in tests/test_readme.py -->\n```python\n(.*?)```"
+
+
+def _tested_blocks():
+    return re.findall(TESTED, README, re.S)
+
+
+def test_readme_has_tested_examples_for_the_api_and_every_extension():
+    blocks = _tested_blocks()
+    for needle in (
+        "gp.prune(",
+        "register_strategy",
+        "register_metric",
+        "register_model",
+    ):
+        assert any(needle in b for b in blocks), needle
+
+
+def test_readme_sections_cover_every_cli_command():
+    from gapruning import cli
+
+    parser = cli.build_parser()
+    commands = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    for name in commands:
+        assert f"### `gapruning {name}" in README, name
+    for heading in ("## Python API", "## Command line", "## Extending"):
+        assert heading in README
+
+
+@pytest.mark.parametrize("index", range(len(_tested_blocks())))
+def test_readme_example_runs(index, no_datasets):
+    from gapruning import fitness, search
+
+    registries = (search.STRATEGIES, fitness.METRICS, models.MODELS)
+    before = [dict(r) for r in registries]
+    try:
+        exec(compile(_tested_blocks()[index], "README.md", "exec"), {})
+    finally:
+        for registry, saved in zip(registries, before, strict=True):
+            registry.clear()
+            registry.update(saved)
