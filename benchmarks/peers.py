@@ -870,6 +870,11 @@ def _load() -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _end_load(m: dict) -> str:
+    end = m.get("load_average_at_end")
+    return "" if end is None else f" (at end {end:.2f})"
+
+
 def render(payload: dict) -> str:
     lines = ["# gapruning next to the tools a user would pick instead", ""]
     th = payload.get("throughput")
@@ -879,7 +884,7 @@ def render(payload: dict) -> str:
             "## Throughput of the same genetic search",
             "",
             f"{m['date']}, {m['cpu']}, {m['cores']} CPU cores, load average at start "
-            f"{m['load_average_at_start']:.2f}, jax {m['jax']}, torch "
+            f"{m['load_average_at_start']:.2f}{_end_load(m)}, jax {m['jax']}, torch "
             f"{th['versions'].get('torch')}, pygad {th['versions'].get('pygad')}, deap "
             f"{th['versions'].get('deap')}{' (quick run)' if th['quick'] else ''}.",
             "",
@@ -955,6 +960,7 @@ def render(payload: dict) -> str:
             "## Quality at equal hidden-unit sparsity (no fine-tuning)",
             "",
             f"{m['date']}, load average at start {m['load_average_at_start']:.2f}"
+            f"{_end_load(m)}"
             f"{' (quick run)' if q['quick'] else ''}. Test accuracy and FGSM "
             "(eps 0.05, pixel units) robust accuracy on the 10,000 Fashion-MNIST "
             "test images, all through gp.evaluate. Removed = hidden units that no "
@@ -983,6 +989,60 @@ def render(payload: dict) -> str:
             )
         lines += [""] + [f"- {n}" for n in q["notes"]] + [""]
     return "\n".join(lines)
+
+
+def readme_section(payload: dict) -> str:
+    """The compact README section (tables and plot) drawn from the JSON."""
+    th, q = payload["throughput"], payload["quality"]
+    m = th["machine"]
+    v = th["versions"]
+    out = [
+        "## Next to the tools you would otherwise use",
+        "",
+        f"`gapruning bench peers` ([benchmarks/peers.py](benchmarks/peers.py)) runs "
+        "the same genetic search (P=64, 512 shared inversion probes, KL + top-1 "
+        "fitness, 50% of units) in gapruning, in the per-individual PyTorch loop of "
+        "the original GA-pruning code, in PyGAD and in DEAP, and compares pruned "
+        "networks with paoding-dl and Torch-Pruning (no fine-tuning). Measured "
+        f"{m['date']} on {m['cores']} shared CPU cores ({m['cpu']}, load average "
+        f"{m['load_average_at_start']:.1f} at start: noisy), jax {m['jax']}, torch "
+        f"{v['torch']}, pygad {v['pygad']}, deap {v['deap']}, torch-pruning "
+        f"{q['versions'].get('torch-pruning')}, paoding-dl {PAODING_VERSION}; "
+        "full tables and every choice in "
+        "[benchmarks/results/peers.md](benchmarks/results/peers.md).",
+        "",
+        "| fitness evaluations/s (median) | "
+        + " | ".join(r["model"] for r in th["rows"])
+        + " |",
+        "| --- |" + " ---: |" * len(th["rows"]),
+    ]
+    for tool in th["rows"][0]["tools"]:
+        cells = [
+            f"{r['tools'][tool]['evals_per_second']:.0f} "
+            f"({r['speedup_vs_torch_loop'][tool]:.1f}x)"
+            for r in th["rows"]
+        ]
+        out.append(f"| {tool} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "| model | removed | method | accuracy | FGSM 0.05 |",
+        "| --- | ---: | --- | ---: | ---: |",
+    ]
+    for r in q["rows"]:
+        if "error" in r:
+            out.append(
+                f"| {r['model']} | {r['target']:.0%} | {r['method']} | failed | |"
+            )
+            continue
+        rem = (
+            f"{r['removed_units']}/{r['hidden_units']}" if "removed_units" in r else "0"
+        )
+        out.append(
+            f"| {r['model']} | {rem} | {r['method']} | {r['accuracy']:.3f} | "
+            f"{r['fgsm_0.05']:.3f} |"
+        )
+    out += ["", "![peers](benchmarks/results/peers.png)", ""]
+    return "\n".join(out)
 
 
 def plot(payload: dict) -> None:
@@ -1079,6 +1139,7 @@ def main(argv=None) -> int:
         info["cpu"] = platform.processor() or platform.machine()
         gens = args.generations or (2 if args.quick else 10)
         models = ["lenet300-fmnist", "lenet5-fmnist"]
+        part_name = "throughput"
         rows = [throughput_model(m, gens, args.repeats, log) for m in models]
         payload["throughput"] = {
             "machine": info,
@@ -1088,11 +1149,13 @@ def main(argv=None) -> int:
             "notes": THROUGHPUT_NOTES,
             "rows": rows,
         }
+        payload[part_name]["machine"]["load_average_at_end"] = os.getloadavg()[0]
         save(payload)
     if args.part in ("quality", "all"):
         info = machine()
         gens = args.prune_generations or (3 if args.quick else 200)
         workdir = CACHE / "runs"
+        part_name = "quality"
         rows = quality(
             ["lenet300-fmnist", "paoding_mlp-fmnist"],
             (0.5, 0.8),
@@ -1137,6 +1200,7 @@ def main(argv=None) -> int:
             ],
             "rows": rows,
         }
+        payload[part_name]["machine"]["load_average_at_end"] = os.getloadavg()[0]
         save(payload)
     return 0
 
