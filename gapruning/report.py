@@ -122,15 +122,33 @@ def markdown(report: dict) -> str:
         f"{srch['evaluations_per_second']:,} evaluations/s on {report['device']}.",
     ]
     if "evaluation" in report:
-        lines += [
-            "",
-            "## Evaluation (real test data)",
-            "",
-            "```",
-            json.dumps(report["evaluation"], indent=2),
-            "```",
-        ]
+        lines += ["", "## Evaluation (real test data)", ""]
+        lines += _evaluation_table(report["evaluation"])
     return "\n".join(lines) + "\n"
+
+
+def _evaluation_table(ev: dict) -> list[str]:
+    """``gp.evaluate`` metrics as a Markdown table (JSON for anything else)."""
+    if not isinstance(ev, dict) or "accuracy" not in ev:
+        return ["```", json.dumps(ev, indent=2), "```"]
+    rows = [
+        "| attack | eps | accuracy | robustness preservation |",
+        "| --- | ---: | ---: | ---: |",
+        f"| clean | 0 | {float(ev['accuracy']):.4f} | |",
+    ]
+    preservation = ev.get("robustness_preservation", {})
+    for attack, by_eps in ev.items():
+        if attack in ("accuracy", "robustness_preservation") or not isinstance(
+            by_eps, dict
+        ):
+            continue
+        for eps, acc in by_eps.items():
+            rp = preservation.get(attack, {}).get(eps)
+            rp = "" if rp is None else f"{float(rp):.4f}"
+            rows.append(f"| {attack} | {float(eps):g} | {float(acc):.4f} | {rp} |")
+    if "num_samples" in ev:
+        rows += ["", f"{ev['num_samples']} test samples."]
+    return rows
 
 
 def write_run(
