@@ -312,9 +312,20 @@ def _prune_into(args, out: Path) -> None:
     checkpoints = (
         out / "checkpoints" if (args.checkpoint_every or args.resume) else None
     )
+    strategy, strategy_options = args.strategy, {}
+    if args.profile:  # apply a saved layer-wise profile (no search)
+        from .methods.profile import ProfileError, check_profile, load_profile
+
+        try:
+            check_profile(net, load_profile(args.profile))
+        except ProfileError as err:
+            raise UsageError(str(err)) from None
+        if strategy not in ("profile_random", "profile_rl"):
+            strategy = "profile_random"
+        strategy_options = {"profile": args.profile}
     result = prune(
         net,
-        args.strategy,
+        strategy,
         args.target,
         args.budget,
         fitness=args.fitness,
@@ -335,6 +346,7 @@ def _prune_into(args, out: Path) -> None:
         repair=args.repair,
         recover=("distill",) if args.distill_steps else (),
         recover_options={"distill": {"steps": args.distill_steps}},
+        strategy_options=strategy_options,
     )
     report = write_run(result, out, overwrite=True)
     p, f = report["params"], report["flops"]
@@ -465,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--probes", help="probe kind (gaussian, uniform, bn_stats, inversion)"
     )
     pr.add_argument("--encoding", default="units", choices=("units", "profile"))
+    pr.add_argument(
+        "--profile",
+        help="apply a saved layer-wise profile JSON (from profile_random/profile_rl) "
+        "to this model of the same architecture, under --target/--budget",
+    )
     pr.add_argument(
         "--per-group", action="store_true", help="same ratio in every group"
     )
