@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -666,14 +667,20 @@ def run_paoding(model, target, quick, log, workdir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     np.savez(run_dir / "dense.npz", *arrays)
     step = 0.05 if quick else 0.025  # paoding-dl's default step is 0.025
-    # paoding stops once a float sum of steps reaches the target (0.05 * 10 sums
-    # to 0.4999...): ask for a hair less so it stops after round(target / step)
+    # paoding-dl removes ceil(step * size) units of every hidden layer per step
+    # and stops once the float sum of steps reaches its target; ask for the
+    # number of steps that removes closest to `target` of all hidden units (a
+    # hair less than steps * step: 0.05 * 10 sums to 0.4999...)
+    sizes = [a.shape[1] for a in arrays[:-2:2]]
+    per_step = sum(math.ceil(step * n) for n in sizes)
+    steps = max(1, round(target * sum(sizes) / per_step))
+    paoding_target = steps * step - 1e-6
     cfg = {
         "weights": str(run_dir / "dense.npz"),
         "units": [a.shape[1] for a in arrays[::2]],
         "input_shape": list(net.input_shape),
         "input_box": list(net.input_box),
-        "target": target - 1e-6,
+        "target": paoding_target,
         "step": step,
         "h5": str(run_dir / "model.h5"),
         "out": str(run_dir / "pruned.npz"),
@@ -701,6 +708,7 @@ def run_paoding(model, target, quick, log, workdir: Path) -> dict:
         "removed_units": rem,
         "hidden_units": tot,
         "options": f"{info}; Sampler IMPACT (0.75, 0.25), step {step}, "
+        f"target {paoding_target:.4f} ({steps} steps of {per_step} units), "
         f"input_interval = the model's input box, ModelType.MNIST, seed 0, "
         "no surgery (pruned units zeroed in place, merged into kept ones)",
     }
@@ -773,7 +781,9 @@ def run_torch_pruning(model, target, log) -> dict:
     }
 
 
-def quality(models, targets, generations, quick, log, workdir) -> list[dict]:
+def quality(models, targets, generations, quick, log, workdir, only=None) -> list[dict]:
+    """Rows of the quality table; ``only``: run just the methods whose label
+    contains it (the others are left out of the returned rows)."""
     import gapruning as gp
 
     test = gp.data.fashion_mnist("test")
@@ -785,8 +795,11 @@ def quality(models, targets, generations, quick, log, workdir) -> list[dict]:
     rows = []
     for model in models:
         net = gp.load(model)
-        rows.append({"model": model, "target": 0.0, "method": "dense", **score(net)})
-        log(rows[-1])
+        if only is None:
+            rows.append(
+                {"model": model, "target": 0.0, "method": "dense", **score(net)}
+            )
+            log(rows[-1])
         for target in targets:
             base = {"model": model, "target": target}
             variants = [
@@ -804,6 +817,8 @@ def quality(models, targets, generations, quick, log, workdir) -> list[dict]:
                     )
                 )
             for label, kw in variants:
+                if only is not None and only not in label:
+                    continue
                 t0 = time.perf_counter()
                 try:
                     res = gp.prune(
@@ -849,6 +864,8 @@ def quality(models, targets, generations, quick, log, workdir) -> list[dict]:
                 ("Torch-Pruning magnitude", run_torch_pruning, (model, target, log)),
                 ("paoding-dl", run_paoding, (model, target, quick, log, workdir)),
             ):
+                if only is not None and only not in label:
+                    continue
                 try:
                     r = fn(*fargs)
                 except Exception as err:  # a peer failing is a result, not a crash
@@ -1128,6 +1145,11 @@ def main(argv=None) -> int:
         default=None,
         help="gp.prune generations in the quality part (default 200, quick 3)",
     )
+    ap.add_argument(
+        "--only",
+        help="quality part: re-run only the methods whose label contains this "
+        "text (e.g. paoding-dl) and replace their rows in the existing results",
+    )
     args = ap.parse_args(argv)
 
     def log(msg):
@@ -1163,7 +1185,16 @@ def main(argv=None) -> int:
             args.quick,
             log,
             workdir,
+            only=args.only,
         )
+        if args.only is not None:  # replace just those rows of the last run
+            old = payload.get("quality", {}).get("rows", [])
+            fresh = {(r["model"], r["target"], r["method"]): r for r in rows}
+            keys = [(r["model"], r["target"], r["method"]) for r in old]
+            rows = [fresh.pop(k, r) for k, r in zip(keys, old, strict=True)]
+            rows += list(fresh.values())
+            info = payload.get("quality", {}).get("machine", info)
+            info["rerun_of_" + args.only] = machine()
         payload["quality"] = {
             "machine": info,
             "quick": args.quick,
@@ -1190,10 +1221,11 @@ def main(argv=None) -> int:
                     else "gp.recover (data-free recovery) does not exist yet in "
                     "this checkout: no recovery row."
                 ),
-                "paoding-dl prunes a number of units per layer and step (default "
-                "step 0.025, its own rounding) until the summed steps reach the "
-                "target, so its removed count can differ from the target: see "
-                "'removed units' (counted from the weights it returns).",
+                "paoding-dl removes ceil(step * size) units of every hidden layer "
+                "per step (default step 0.025) until the summed steps reach its "
+                "target; the benchmark asks for the number of steps that removes "
+                "closest to the target, so its removed count can differ slightly "
+                "(see 'removed units', counted from the weights it returns).",
                 "gapruning l1 per layer: gp.prune(strategy='l1', per_group=True), "
                 "the same per-layer ratio as the peers.",
                 "No method saw the test set; no fine-tuning anywhere.",
