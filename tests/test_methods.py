@@ -49,6 +49,10 @@ def _run(net, method, target=0.5, budget="units", seed=0, **kw):
 def test_every_method_meets_the_units_budget(no_datasets, mlp, method, per_group):
     if not METHODS[method].structured:
         pytest.skip("unstructured method: kernel masks")
+    if per_group and not METHODS[method].per_group:
+        with pytest.raises(ValueError, match="per-group budget"):
+            _run(mlp, method, 0.5, per_group=per_group)
+        return
     result = _run(mlp, method, 0.5, per_group=per_group)
     kept = mlp.space.kept(result.masks)
     assert sum(kept.values()) == 10

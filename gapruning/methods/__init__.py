@@ -80,6 +80,7 @@ class Method:
     fn: Callable[..., MethodResult]
     description: str
     structured: bool = True  # False: kernel masks (unstructured sparsity)
+    per_group: bool = True  # False: the method chooses per-layer ratios itself
 
 
 METHODS: dict[str, Method] = {}
@@ -91,14 +92,17 @@ def register_method(
     description: str,
     *,
     structured: bool = True,
+    per_group: bool = True,
 ) -> Method:
     """Adds ``fn(ctx: MethodContext, **options) -> MethodResult`` to :data:`METHODS`
-    under ``name`` (usable as ``gp.prune(..., strategy=name)``)."""
+    under ``name`` (usable as ``gp.prune(..., strategy=name)``). ``structured=False``
+    marks kernel-mask methods; ``per_group=False`` marks methods that choose the
+    per-layer ratios themselves and so refuse a per-group budget."""
     from ..search import STRATEGIES
 
     if name in METHODS or name in STRATEGIES:
         raise ValueError(f"method or strategy {name!r} is already registered")
-    method = Method(name, fn, description, structured)
+    method = Method(name, fn, description, structured, per_group)
     METHODS[name] = method
     return method
 
@@ -106,6 +110,11 @@ def register_method(
 def run_method(name: str, ctx: MethodContext, options: Mapping[str, Any]):
     """Runs a registered method and checks what it returns."""
     method = METHODS[name]
+    if ctx.budget.per_group and not method.per_group:
+        raise ValueError(
+            f"method {name!r} chooses a keep ratio per layer itself; a per-group "
+            "budget leaves it nothing to choose: use a global budget (per_group=False)"
+        )
     result = method.fn(ctx, **dict(options))
     if not isinstance(result, MethodResult):
         raise TypeError(f"method {name!r} returned {type(result)}, not MethodResult")

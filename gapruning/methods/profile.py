@@ -449,10 +449,12 @@ register_method(
     profile_random,
     "random/exhaustive search over layer-wise keep-ratio profiles "
     "(Venkatesan et al. 2020)",
+    per_group=False,
 )
 register_method(
     "profile_rl",
     profile_rl,
     "REINFORCE policy over layer-wise keep ratios trained on several models, "
     "transferable profile (Venkatesan et al. 2020)",
+    per_group=False,
 )
