@@ -33,6 +33,29 @@ def timeit(fn, *args, repeats: int = 5, warmup: int = 1) -> dict:
     }
 
 
+def timeit_interleaved(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
+    """:func:`timeit` of several functions run in turn (a, b, a, b, ...), so
+    that a change of machine load hits all of them alike; name -> stats."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {
+        name: {
+            "median_s": statistics.median(t),
+            "min_s": min(t),
+            "max_s": max(t),
+            "repeats": repeats,
+        }
+        for name, t in times.items()
+    }
+
+
 def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
     """Dense float32 matmul throughput of this machine (2 n^3 FLOPs per product)."""
     a = jax.random.normal(jax.random.key(0), (n, n))

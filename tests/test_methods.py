@@ -20,6 +20,8 @@ from gapruning.methods.paoding import (
 from gapruning.models import GraphBuilder, assemble
 
 SMALL = {"generations": 2, "population": 4, "num_probes": 16, "progress": False}
+# the contract tests check budgets and determinism, not quality: cheapest settings
+FAST_OPTIONS = {"gwcs": {"distill_steps": 2}, "profile_rl": {"copies": 1}}
 
 
 def tiny_mlp(seed: int = 0, hidden=(12, 8)) -> gp.Pretrained:
@@ -38,6 +40,7 @@ def mlp():
 
 
 def _run(net, method, target=0.5, budget="units", seed=0, **kw):
+    kw.setdefault("strategy_options", FAST_OPTIONS.get(method))
     return gp.prune(net, method, target, budget=budget, seed=seed, **SMALL, **kw)
 
 
