@@ -50,3 +50,16 @@ def no_datasets():
         for name in ("fashion_mnist", "read_idx", "load_dataset"):
             mp.setattr(data, name, forbidden)
         yield
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache per test session (also used by the
+    subprocesses the CLI tests start): tests build the same jitted functions many
+    times over, and a cache hit skips their recompilation."""
+    import tempfile
+
+    cache = os.environ.setdefault(
+        "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gapruning-xla-cache-")
+    )
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
