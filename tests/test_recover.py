@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from fitness_nets import random_net, random_unit_masks, row, tiny_all_ops, tiny_bn
 from flax import nnx
@@ -144,6 +145,53 @@ def test_lstsq_update_matches_float64_normal_equations():
     np.testing.assert_array_equal(got[r], np.float32(w[r]))
 
 
+def test_lstsq_update_with_prior_matches_float64_normal_equations():
+    """min ||X_k W'_k - X W||^2 + lam ||W'_k - P_k||^2; removed rows from P."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(50, 7)) @ rng.normal(size=(7, 7))
+    w, prior = rng.normal(size=(7, 3)), rng.normal(size=(7, 3))
+    mask = np.array([1, 0, 1, 1, 0, 1, 1], bool)
+    gram = x.T @ x
+    ridge = 0.05
+    lam = ridge * np.mean(np.diag(gram))
+    k, r = np.flatnonzero(mask), np.flatnonzero(~mask)
+    want = prior.copy()
+    want[k] = np.linalg.solve(
+        gram[np.ix_(k, k)] + lam * np.eye(len(k)),
+        x[:, k].T @ (x @ w) + lam * prior[k],
+    )
+    got = recover.lstsq_update(
+        jnp.asarray(gram, jnp.float32),
+        jnp.asarray(w, jnp.float32),
+        mask,
+        ridge,
+        jnp.asarray(prior, jnp.float32),
+    )
+    np.testing.assert_allclose(got[k], want[k], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(got[r], np.float32(prior[r]))
+
+
+def test_lstsq_with_cosine_prior_interpolates_merge_and_lstsq():
+    """A huge ridge gives Neuron Merging, a tiny one plain least squares."""
+    net = tiny_mlp()
+    masks = {"fc1": np.array([1, 0, 1, 1, 0, 1, 1, 0], bool), "fc2": np.ones(6, bool)}
+    x = _inputs(net, 64, seed=9)
+    opts = dict(method="lstsq", probes="gaussian", num_probes=256)
+
+    def out(repaired):
+        return gp.masked_apply(repaired, masks, x)
+
+    cosine = out(recover.merge(net, masks))
+    far = out(recover.merge(net, masks, prior="cosine", ridge=1e7, **opts))
+    np.testing.assert_allclose(far, cosine, rtol=1e-3, atol=1e-3)
+    near = out(recover.merge(net, masks, prior="cosine", ridge=1e-7, **opts))
+    plain = out(recover.merge(net, masks, prior="dense", ridge=1e-7, **opts))
+    np.testing.assert_allclose(near, plain, rtol=1e-3, atol=1e-3)
+    assert float(jnp.abs(cosine - plain).max()) > 1e-2  # the two ends differ
+    with pytest.raises(recover.RecoverError, match="prior"):
+        recover.merge(net, masks, prior="mean", **opts)
+
+
 def _consumer_error(dense_net, pretrained, masks, x, layers):
     """Mean squared error of the consumers' pre-activations under ``masks`` in
     ``pretrained`` vs the dense network ``dense_net``."""
@@ -245,6 +293,11 @@ def test_distill_lowers_kl_on_held_out_probes():
         masks=masks,
         feature_weight=0.1,
         seed=0,
+        # the plain scheme: constant Adam, probes regenerated, no mixup/push
+        optimizer=optax.adam(1e-3),
+        regenerate=True,
+        adversarial=0,
+        mixup=0.0,
     )
     t = net.model(held_out)
     before = _kl_reference(t, small.model(held_out), 4.0)
@@ -258,6 +311,47 @@ def test_distill_lowers_kl_on_held_out_probes():
     np.testing.assert_allclose(
         small.model(held_out), gp.compact(net, masks).model(held_out), 1e-6
     )
+
+
+def test_adversarial_probes_increase_kl_inside_the_box():
+    net = tiny_mlp()
+    masks = {"fc1": np.array([1, 0, 1, 1, 0, 1, 1, 0], bool), "fc2": np.ones(6, bool)}
+    small = gp.compact(net, masks)
+    x = gp.make_probes(net, "gaussian", 128, seed=3)
+    pushed = recover.adversarial_probes(small, net, x, steps=3, step_size=0.05)
+    assert pushed.shape == x.shape
+    assert float(pushed.min()) >= -1.0 and float(pushed.max()) <= 1.0
+    # each probe moved by at most steps * step_size * box width per coordinate
+    assert float(jnp.abs(pushed - x).max()) <= 3 * 0.05 * 2.0 + 1e-5
+    before = recover.distill_loss(small, net, x)
+    after = recover.distill_loss(small, net, pushed)
+    assert after > 1.5 * before, (before, after)
+
+
+def test_distill_with_adversarial_and_mixup_probes_lowers_held_out_kl():
+    """Trained on a fixed pool with mixup and disagreement probes, the student's
+    KL drops on held-out probes of the pool's kind and on disagreement probes
+    pushed from them; the card records the options."""
+    net = tiny_mlp()
+    masks = {"fc1": np.array([1, 0, 1, 1, 0, 1, 1, 0], bool), "fc2": np.ones(6, bool)}
+    small = gp.compact(net, masks)
+    pool = gp.make_probes(net, "gaussian", 128, seed=0)
+    held_out = gp.make_probes(net, "gaussian", 256, seed=123)
+    kw = dict(probes=pool, steps=80, batch_size=32, seed=0)
+    student = recover.distill(small, net, adversarial=2, mixup=0.5, **kw)
+    before = recover.distill_loss(small, net, held_out)
+    after = recover.distill_loss(student, net, held_out)
+    assert after < 0.6 * before, (before, after)
+    hard = recover.adversarial_probes(small, net, held_out, steps=3)
+    assert recover.distill_loss(student, net, hard) < 0.6 * recover.distill_loss(
+        small, net, hard
+    )
+    card = student.card["distill"]
+    assert (card["adversarial"], card["mixup"]) == (2, 0.5)
+    with pytest.raises(recover.RecoverError, match="adversarial"):
+        recover.distill(small, net, adversarial=-1, **kw)
+    with pytest.raises(recover.RecoverError, match="mixup"):
+        recover.distill(small, net, mixup=2.0, **kw)
 
 
 def test_recalibrate_batchnorm_layer_by_layer():
