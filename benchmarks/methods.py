@@ -2,11 +2,13 @@
 
 MLPs (default): lenet300-fmnist and paoding_mlp-fmnist with 50/60/70/80% of the
 hidden units removed, the same ratio from every layer (``per_group=True``, as in
-the published reference), for every method registered in ``gp.methods.METHODS``
-(structured ones) plus the engine searches ``ga`` and ``random``; search methods
-all get the same fitness-evaluation budget (``generations x population``) and the
-default data-free fitness. ``--convnets`` adds resnet20-fmnist and vgg11-fmnist
-at 30/50/70% of FLOPs removed (slow on a small CPU).
+the published reference; the profile methods, which choose the per-layer ratios,
+get the same total as a global budget), for every method registered in
+``gp.methods.METHODS`` (structured ones) plus the engine searches ``ga`` and
+``random``; search methods all get the same fitness-evaluation budget
+(``generations x population``) and the default data-free fitness. ``--convnets``
+adds resnet20-fmnist and vgg11-fmnist at 30/50/70% of FLOPs removed (slow on a
+small CPU).
 
 Reported per (model, target, method), mean ± std over seeds: test accuracy
 (Fashion-MNIST test set, 10,000 images), FGSM and PGD (10 steps) robust accuracy
@@ -63,7 +65,9 @@ def run_one(net, name, target, budget, seed, args, data) -> dict:
         population=args.population,
         num_probes=args.num_probes,
         progress=False,
-        per_group=budget == "units",
+        # profile methods choose per-layer ratios: they get the global budget
+        per_group=budget == "units"
+        and (name not in METHODS or METHODS[name].per_group),
     )
     if name == "paoding":
         kw["strategy_options"] = {"step": args.paoding_step}
