@@ -121,8 +121,15 @@ def run_method(name: str, ctx: MethodContext, options: Mapping[str, Any]):
     return result
 
 
-from . import neuron_merging, oneshot, paoding  # noqa: E402,F401  (registers them)
-from . import ga_scores, gwcs, profile  # noqa: E402,F401
+# importing the method modules registers them
+from . import (  # noqa: E402,F401
+    ga_scores,
+    gwcs,
+    neuron_merging,
+    oneshot,
+    paoding,
+    profile,
+)
 
 __all__ = [
     "METHODS",
