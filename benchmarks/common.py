@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -18,19 +19,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def timeit(fn, *args, repeats: int = 5, warmup: int = 1) -> dict:
     """Median and spread of wall time of ``fn(*args)`` (blocked), warm-up excluded."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return {
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "repeats": repeats,
-    }
+    run = functools.partial(fn, *args)
+    return timeit_interleaved({"fn": run}, repeats=repeats, warmup=warmup)["fn"]
 
 
 def timeit_interleaved(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:

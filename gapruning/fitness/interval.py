@@ -248,6 +248,27 @@ def _needed(net: Net) -> frozenset:
     }
 
 
+def activation_delta(op: str, dense_bounds, c, r):
+    """Centre and radius bounding ``act(z + d) - act(z)`` for ``z`` in the dense
+    pre-activation bounds and ``d`` in ``[c - r, c + r]``; ``op`` is ``"relu"``
+    (exact per-unit cases: always active, always inactive, else clipped) or
+    ``"sigmoid"`` (slope at most 1/4)."""
+    if op == "relu":
+        lz, uz = dense_bounds
+        dl, du = c - r, c + r
+        lo = jnp.maximum(jnp.minimum(0.0, dl), -jax.nn.relu(uz))
+        hi = jnp.minimum(jnp.maximum(0.0, du), jax.nn.relu(uz + du))
+        active = (lz >= 0) & (lz + dl >= 0)
+        inactive = (uz <= 0) & (uz + du <= 0)
+        lo = jnp.where(active, dl, jnp.where(inactive, 0.0, lo))
+        hi = jnp.where(active, du, jnp.where(inactive, 0.0, hi))
+    elif op == "sigmoid":
+        lo, hi = jnp.minimum(0.0, c - r) / 4, jnp.maximum(0.0, c + r) / 4
+    else:
+        raise ValueError(f"no difference bound for activation {op!r}")
+    return (lo + hi) / 2, (hi - lo) / 2
+
+
 def impact_bounds(net: Net, masks: Mapping, dense: dict):
     """Bounds ``(dl, du)`` of (pruned output - dense output) over the region whose
     dense bounds ``dense`` (from :func:`propagate_bounds`) were computed."""
@@ -271,19 +292,8 @@ def impact_bounds(net: Net, masks: Mapping, dense: dict):
                 _linear(n, p, c, absolute=False, bias=False),
                 _linear(n, p, r, absolute=True, bias=False),
             )
-        elif n.op == "relu":
-            lz, uz = dense[n.inputs[0]]
-            dl, du = c - r, c + r
-            lo = jnp.maximum(jnp.minimum(0.0, dl), -jax.nn.relu(uz))
-            hi = jnp.minimum(jnp.maximum(0.0, du), jax.nn.relu(uz + du))
-            active = (lz >= 0) & (lz + dl >= 0)
-            inactive = (uz <= 0) & (uz + du <= 0)
-            lo = jnp.where(active, dl, jnp.where(inactive, 0.0, lo))
-            hi = jnp.where(active, du, jnp.where(inactive, 0.0, hi))
-            y = ((lo + hi) / 2, (hi - lo) / 2)
-        elif n.op == "sigmoid":
-            lo, hi = jnp.minimum(0.0, c - r) / 4, jnp.maximum(0.0, c + r) / 4
-            y = ((lo + hi) / 2, (hi - lo) / 2)
+        elif n.op in ("relu", "sigmoid"):
+            y = activation_delta(n.op, dense[n.inputs[0]], c, r)
         elif n.op == "softmax":
             big = jnp.abs(jnp.stack([c - r, c + r])).max(axis=(0, -1), keepdims=True)
             y = (jnp.zeros_like(c), jnp.broadcast_to(big[0] / 2, c.shape))

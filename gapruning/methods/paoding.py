@@ -85,7 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..fitness.interval import paoding_entropy, propagate_bounds
+from ..fitness.interval import activation_delta, paoding_entropy, propagate_bounds
 from ..models import Net, Node
 from ..space import PruneSpace
 from ..zoo import Pretrained
@@ -158,19 +158,8 @@ def propagate_delta(tail: tuple[Node, ...], params, bounds, masks, lo, hi):
         elif n.op == "mask":
             m = masks[n.attr("group")]
             c, r = c * m, r * m
-        elif n.op == "relu":
-            lz, uz = bounds[n.inputs[0]]
-            dl, du = c - r, c + r
-            lo_ = jnp.maximum(jnp.minimum(0.0, dl), -jax.nn.relu(uz))
-            hi_ = jnp.minimum(jnp.maximum(0.0, du), jax.nn.relu(uz + du))
-            active = (lz >= 0) & (lz + dl >= 0)
-            inactive = (uz <= 0) & (uz + du <= 0)
-            lo_ = jnp.where(active, dl, jnp.where(inactive, 0.0, lo_))
-            hi_ = jnp.where(active, du, jnp.where(inactive, 0.0, hi_))
-            c, r = (lo_ + hi_) / 2, (hi_ - lo_) / 2
-        elif n.op == "sigmoid":
-            lo_, hi_ = jnp.minimum(0.0, c - r) / 4, jnp.maximum(0.0, c + r) / 4
-            c, r = (lo_ + hi_) / 2, (hi_ - lo_) / 2
+        elif n.op in ("relu", "sigmoid"):
+            c, r = activation_delta(n.op, bounds[n.inputs[0]], c, r)
         elif n.op == "softmax":
             big = jnp.abs(jnp.stack([c - r, c + r])).max()
             c, r = jnp.zeros_like(c), jnp.full_like(r, big / 2)
