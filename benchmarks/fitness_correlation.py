@@ -9,9 +9,9 @@ measured on the Fashion-MNIST test set (clean accuracy, FGSM accuracy at eps 0.0
 in pixel units). Lower fitness should mean higher accuracy, so a good metric has
 a Spearman correlation close to -1.
 
-Masks and probes come from ``--seed`` (default 1). The default composite and the
-inversion probe prior were chosen looking at runs with seed 0, so the masks of
-seed 1 are held out from that choice.
+Masks and probes come from ``--seed`` (default 2). The default composite, its log
+combination and the inversion probe prior were chosen looking at runs with seeds
+0 and 1, so the masks of seed 2 are held out from that choice.
 
 Ground truth: ``gp.evaluate`` recompiles for every model, which would take most of
 the time budget for hundreds of masks, so the masks are measured with the same
@@ -47,6 +47,7 @@ MODELS = ("lenet300-fmnist", "lenet5-fmnist")
 TARGETS = (0.5, 0.8)
 PROBE_KINDS = ("gaussian", "uniform", "inversion")
 FGSM_EPS = 0.05
+TARGET_SPEARMAN = -0.8  # the default composite, pooled over both levels
 # at most this many individuals scored at once (bounds memory: FGSM on 512 probes
 # through LeNet-5 for all 400 masks at once asked for 50 GB)
 CHUNK = 20
@@ -261,20 +262,28 @@ def run(args):
                     score(ctx, f"{label} [{kind}]", spec, probes)
         for label, spec in FREE_METRICS.items():
             score(ctx, label, spec, "gaussian")
-        default_label = "default composite [auto probes]"
-        t = time.time()
-        fit = gp.fitness.compose(
-            net, "default", num_probes=args.probes, seed=args.seed, chunk_size=chunk
-        )
-        values = np.asarray(fit(masks))
-        rows[default_label] = correlations(values, acc, fgsm, level)
-        rows[default_label]["spec"] = fit.describe()
-        entry["timings"][default_label] = round(time.time() - t, 2)
-        r = rows[default_label]
-        print(
-            f"  {default_label:40s} acc 50%={r['50%']['accuracy']:+.3f} "
-            f"80%={r['80%']['accuracy']:+.3f} all={r['all']['accuracy']:+.3f}"
-        )
+        for combine in ("sum", gp.fitness.DEFAULT_COMBINE):
+            label = f"default terms, {combine} [auto probes]"
+            if combine == gp.fitness.DEFAULT_COMBINE:
+                label = "default composite [auto probes]"
+            t = time.time()
+            fit = gp.fitness.compose(
+                net,
+                "default",
+                num_probes=args.probes,
+                seed=args.seed,
+                chunk_size=chunk,
+                combine=combine,
+            )
+            values = np.asarray(fit(masks))
+            rows[label] = correlations(values, acc, fgsm, level)
+            rows[label]["spec"] = fit.describe()
+            entry["timings"][label] = round(time.time() - t, 2)
+            r = rows[label]
+            print(
+                f"  {label:40s} acc 50%={r['50%']['accuracy']:+.3f} "
+                f"80%={r['80%']['accuracy']:+.3f} all={r['all']['accuracy']:+.3f}"
+            )
         entry["seconds"] = round(time.time() - t0, 1)
         report["models"][name] = entry
         print(f"{name}: {entry['seconds']} s")
@@ -291,7 +300,7 @@ def markdown(report) -> str:
         f"{cfg['num_probes']} probes, Fashion-MNIST test subset of "
         f"{cfg['test_samples']} images (the first ones), FGSM eps "
         f"{cfg['fgsm_eps']}, masks and probes of seed {cfg['seed']} (held out: "
-        "the default composite was chosen on seed 0). Entries are the "
+        "the default composite was chosen on seeds 0 and 1). Entries are the "
         "Spearman correlation of the metric (lower = better) with test accuracy "
         "(`acc`) and FGSM accuracy (`fgsm`) within each pruning level, and over "
         "both levels pooled (`all`); closer to -1 is better. Machine: "
@@ -324,7 +333,14 @@ def markdown(report) -> str:
             ]
             cells = " | ".join(f"{v:+.3f}" for v in vals)
             lines.append(f"| {label} | {cells} | {entry['timings'].get(label, '')} |")
-        lines.append("")
+        pooled = entry["rows"]["default composite [auto probes]"]["all"]["accuracy"]
+        verdict = "met" if pooled <= TARGET_SPEARMAN else "**not met**"
+        lines += [
+            "",
+            f"Target: default composite pooled Spearman <= {TARGET_SPEARMAN} with "
+            f"test accuracy: {pooled:+.3f}, {verdict}.",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -338,8 +354,8 @@ def main():
     parser.add_argument(
         "--seed",
         type=int,
-        default=1,
-        help="masks and probes (seed 0 was used to choose the default composite)",
+        default=2,
+        help="masks and probes (seeds 0 and 1 chose the default composite)",
     )
     parser.add_argument("--out", default=str(RESULTS / "fitness_correlation"))
     args = parser.parse_args()

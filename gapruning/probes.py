@@ -27,8 +27,16 @@ Kinds (:data:`PROBE_KINDS`):
   (60 random masks per level, seed 0, 256 probes, 200 steps, 1000 test images)
   the pooled Spearman correlation of top-1 disagreement with test accuracy went
   from -0.560 (TV 0.01, no jitter) to -0.749 (TV 10, jitter 2) on LeNet-5 and
-  from -0.841 to -0.855 on LeNet-300-100. On a network with BatchNorm the BN
-  mismatch is added as in DeepInversion.
+  from -0.841 to -0.855 on LeNet-300-100. When the card standardizes its inputs
+  (``mean``/``std``), a moment prior pulls the batch mean and standard deviation
+  of the probes to 0 and 1, the statistics of the standardized data (weight 30);
+  without it the probes are low-contrast textures (std ~0.5). With 300 Adam steps
+  at rate 0.3 and the moment prior (the defaults), 512 probes, 200 random masks
+  per level and masks of seeds 0 and 1, top-1 disagreement went from a
+  within-level (50% removed) correlation of -0.59 / -0.69 (100 steps at 0.1, no
+  moment prior) to -0.79 / -0.85 on LeNet-5 and from -0.31 / -0.37 to -0.48 /
+  -0.52 on LeNet-300-100. On a network with BatchNorm the BN mismatch is added
+  as in DeepInversion.
 * an array: user-supplied unlabeled inputs, validated by :func:`validate_probes`.
 
 Optimisation runs batch by batch (``batch_size`` probes share their BatchNorm
@@ -62,11 +70,13 @@ from .zoo import Pretrained
 
 PROBE_KINDS = ("gaussian", "uniform", "bn_stats", "inversion")
 
-# default optimisation settings of the optimised kinds (the inversion prior, strong
-# TV and 2-pixel jitter: see the module docstring)
-DEFAULT_STEPS = {"bn_stats": 100, "inversion": 100}
+# default optimisation settings of the optimised kinds (the inversion prior: strong
+# TV, 2-pixel jitter, moment prior on standardized inputs; see the module docstring)
+DEFAULT_STEPS = {"bn_stats": 100, "inversion": 300}
+DEFAULT_LEARNING_RATE = {"bn_stats": 0.1, "inversion": 0.3}
 DEFAULT_TV = {"bn_stats": 1e-2, "inversion": 10.0}
 DEFAULT_JITTER = {"bn_stats": 0, "inversion": 2}
+DEFAULT_MOMENT = {"bn_stats": 0.0, "inversion": 30.0}
 
 _CACHE: dict = {}
 
@@ -231,12 +241,17 @@ def _box(pretrained: Pretrained) -> tuple[float, float]:
     return lo, hi
 
 
+def _standardized(pretrained: Pretrained) -> bool:
+    """Whether the card maps pixels through ``mean``/``std`` (so the data seen by
+    the network have mean 0 and standard deviation 1)."""
+    spec = pretrained.card.get("input", {})
+    return "mean" in spec or "std" in spec
+
+
 def _gaussian(pretrained: Pretrained, key, num: int) -> jax.Array:
     lo, hi = _box(pretrained)
-    normalized = "mean" in pretrained.card.get("input", {}) or "std" in (
-        pretrained.card.get("input", {})
-    )
-    centre, scale = (0.0, 1.0) if normalized else ((lo + hi) / 2, (hi - lo) / 4)
+    standardized = _standardized(pretrained)
+    centre, scale = (0.0, 1.0) if standardized else ((lo + hi) / 2, (hi - lo) / 4)
     x = centre + scale * jax.random.normal(key, (num, *pretrained.input_shape))
     return jnp.clip(x, lo, hi)
 
@@ -327,7 +342,7 @@ def make_probes(
     seed: int = 0,
     *,
     steps: int | None = None,
-    learning_rate: float = 0.1,
+    learning_rate: float | None = None,
     batch_size: int | None = None,
     tv_weight: float | None = None,
     l2_weight: float = 1e-4,
@@ -335,7 +350,7 @@ def make_probes(
     diversity_weight: float = 1.0,
     label_smoothing: float = 0.1,
     jitter: int | None = None,
-    moment_weight: float = 0.0,
+    moment_weight: float | None = None,
     cache: bool = True,
 ) -> jax.Array:
     """Synthetic probes for ``pretrained`` in model input space (see module doc).
@@ -348,7 +363,8 @@ def make_probes(
         seed: randomness of the start point (and of the whole result).
         steps: optimisation steps (``bn_stats`` / ``inversion``; defaults in
             :data:`DEFAULT_STEPS`).
-        learning_rate: Adam step size, in model-input units.
+        learning_rate: Adam step size, in model-input units (default per kind:
+            :data:`DEFAULT_LEARNING_RATE`).
         batch_size: probes optimised together (sharing BatchNorm statistics);
             default ``min(num, 256)``.
         tv_weight, l2_weight: weights of the total-variation and L2 priors
@@ -363,7 +379,9 @@ def make_probes(
             optimisation step, as in DeepInversion (image inputs only; default
             per kind: :data:`DEFAULT_JITTER`).
         moment_weight: weight of a penalty pulling the batch mean/std of the
-            probes to 0/1 (the card's normalization standardizes the data).
+            probes to 0/1, the statistics of data the card standardizes (default
+            per kind: :data:`DEFAULT_MOMENT` when the card has ``mean``/``std``,
+            else 0).
         cache: reuse an identical earlier call's result (see module doc).
 
     Returns:
@@ -393,7 +411,11 @@ def make_probes(
     steps = DEFAULT_STEPS.get(kind, 0) if steps is None else int(steps)
     cfg = dict(
         steps=steps,
-        learning_rate=float(learning_rate),
+        learning_rate=float(
+            DEFAULT_LEARNING_RATE.get(kind, 0.0)
+            if learning_rate is None
+            else learning_rate
+        ),
         batch_size=batch_size,
         tv_weight=float(DEFAULT_TV.get(kind, 0.0) if tv_weight is None else tv_weight),
         l2_weight=float(l2_weight),
@@ -401,7 +423,11 @@ def make_probes(
         diversity_weight=float(diversity_weight),
         label_smoothing=float(label_smoothing),
         jitter=int(DEFAULT_JITTER.get(kind, 0) if jitter is None else jitter),
-        moment_weight=float(moment_weight),
+        moment_weight=float(
+            (DEFAULT_MOMENT.get(kind, 0.0) if _standardized(pretrained) else 0.0)
+            if moment_weight is None
+            else moment_weight
+        ),
     )
     model = pretrained.model
     key = (

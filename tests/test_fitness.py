@@ -237,6 +237,23 @@ def test_weighted_sum_and_normalization(bn_net, bn_probes, population):
     }
 
 
+def test_log_combination_matches_a_float64_reference(bn_net, bn_probes, population):
+    """combine="log": sum_i w_i * sign(z) * log(1 + |z|), z = m_i / (0.01 * s_i)."""
+    spec = {"fidelity": 2.0, "fidelity_mse": 0.5, "cost": 1.0}
+    fit = F.compose(bn_net, spec, probes=bn_probes, normalize=True, combine="log")
+    comps = {
+        k: np.asarray(v, np.float64) for k, v in fit.components(population).items()
+    }
+    want = np.zeros(len(comps["cost"]))
+    for label, w in spec.items():
+        z = comps[label] / (F.LOG_FLOOR * fit.scales[label])
+        want += w * np.sign(z) * np.log(1.0 + np.abs(z))
+    np.testing.assert_allclose(np.asarray(fit(population)), want, rtol=1e-4)
+    assert fit.describe()["combine"] == "log" and "log:" in repr(fit)
+    # a term that is negative stays monotone: symlog(-z) = -symlog(z)
+    assert float(fit._term(jnp.float32(-0.5), 1.0)) == pytest.approx(-np.log(51.0))
+
+
 def test_kernel_masks_work_for_output_metrics(lenet300):
     rng = np.random.default_rng(0)
     masks = {
@@ -268,6 +285,8 @@ def test_bad_specs_and_probes_fail_clearly(bn_net, lenet300):
         F.compose(lenet300, {"accuracy": 1.0})
     with pytest.raises(F.FitnessError, match="has no parameter"):
         F.compose(lenet300, {"fidelity": {"weight": 1.0, "temp": 2}})
+    with pytest.raises(F.FitnessError, match="combine must be one of"):
+        F.compose(lenet300, "cost", combine="product")
     with pytest.raises(F.FitnessError, match="bn_drift.*BatchNorm"):
         F.compose(lenet300, "bn_drift", probes="gaussian")
     with pytest.raises(F.FitnessError, match="convolutional channel groups"):
@@ -297,7 +316,7 @@ def test_default_composite_never_opens_a_dataset_and_ranks_masks(lenet300):
     fit = F.compose(
         lenet300, "default", num_probes=NUM_PROBES, probe_options={"steps": 5}
     )
-    assert fit.probe_kind == "inversion"
+    assert fit.probe_kind == "inversion" and fit.combine == F.DEFAULT_COMBINE
     assert [t["metric"] for t in fit.describe()["terms"]] == list(F.DEFAULT_SPEC)
     space = lenet300.space
     masks = stack(
@@ -306,5 +325,6 @@ def test_default_composite_never_opens_a_dataset_and_ranks_masks(lenet300):
         random_unit_masks(space, 2, 0.1, seed=0),
     )
     v = np.asarray(fit(masks))
-    assert v[0] == pytest.approx(0.0, abs=1e-5)
+    assert v[0] == pytest.approx(0.0, abs=1e-3)  # log terms: float noise / 0.01
+    assert v[1:3].max() > 1.0
     assert v[1:3].max() < v[3:].min()  # removing 90% is worse than removing 50%

@@ -17,7 +17,15 @@ cost*              exact params/FLOPs ratio (multi-objective)
 
 from . import bn_drift, cost, fidelity, interval, lipschitz, robustness, wavelet
 from .base import METRICS, FitnessError, Metric, PrunedApply, register_metric
-from .compose import DEFAULT_SPEC, Fitness, compose, parse_spec
+from .compose import (
+    COMBINES,
+    DEFAULT_COMBINE,
+    DEFAULT_SPEC,
+    LOG_FLOOR,
+    Fitness,
+    compose,
+    parse_spec,
+)
 from .interval import interval_bounds, paoding_entropy
 from .wavelet import haar_dwt2
 
@@ -28,7 +36,10 @@ def describe_metrics() -> list[tuple[str, str]]:
 
 
 __all__ = [
+    "COMBINES",
+    "DEFAULT_COMBINE",
     "DEFAULT_SPEC",
+    "LOG_FLOOR",
     "METRICS",
     "Fitness",
     "FitnessError",

@@ -68,11 +68,17 @@ def kernel_fitness(ctx: MethodContext):
             f"({', '.join(dropped)}) needs structured masks; pass a fitness such "
             "as 'fidelity'"
         )
-    spec = {
-        t.label: {"weight": t.weight, "metric": t.metric, **dict(t.params)}
-        for t in kept
-    }
-    return compose(fit.pretrained, spec, probes=fit.probes, normalize=True), dropped
+    spec = {k: v for k, v in fit.spec().items() if k not in dropped}
+    return (
+        compose(
+            fit.pretrained,
+            spec,
+            probes=fit.probes,
+            normalize=True,
+            combine=fit.combine,
+        ),
+        dropped,
+    )
 
 
 def labelled_accuracy_fitness(net, x, y, batch: int | None = None):

@@ -263,14 +263,6 @@ def profile_random(
 # ------------------------------------------------------------------ REINFORCE
 
 
-def fitness_spec(fit) -> dict:
-    """The compose spec of a :class:`~gapruning.fitness.Fitness`."""
-    return {
-        t.label: {"weight": t.weight, "metric": t.metric, **dict(t.params)}
-        for t in fit.terms
-    }
-
-
 def perturbed_copy(net: Pretrained, scale: float, seed: int) -> Pretrained:
     """``net`` with every kernel multiplied by ``1 + scale * N(0, 1)``."""
     graphdef, params, rest = nnx.split(net.model, nnx.Param, ...)
@@ -336,7 +328,13 @@ def profile_rl(
     fits = [base_fit]
     for m in others:
         fits.append(
-            compose(m, fitness_spec(base_fit), probes=base_fit.probes, normalize=True)
+            compose(
+                m,
+                base_fit.spec(),
+                probes=base_fit.probes,
+                normalize=True,
+                combine=base_fit.combine,
+            )
         )
     encs = [
         ProfileEncoding(m.model, space, budget, rule=rule, seed=ctx.seed) for m in nets
