@@ -6,22 +6,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gapruning.models import masked_layers
 from gapruning.models.masked_layers import conv_op, dense_op, masked_contraction
+
+POPULATION = 4
 
 
 @pytest.mark.parametrize(
-    "op, x_shape, k_shape",
+    "op, x_shape, k_shape, per_channel",
     [
-        (dense_op, (5, 6), (6, 3)),
-        (conv_op((1, 1), "SAME"), (2, 6, 6, 4), (3, 3, 4, 5)),
-        (conv_op((1, 1), "VALID"), (2, 6, 6, 1), (3, 3, 1, 5)),
+        (dense_op, (5, 6), (6, 3), False),
+        (conv_op((1, 1), "SAME"), (2, 6, 6, 4), (3, 3, 4, 5), True),
+        (conv_op((1, 1), "VALID"), (2, 6, 6, 1), (3, 3, 1, 5), True),
+        (conv_op((2, 1), ((1, 2), (0, 1))), (2, 7, 6, 3), (3, 2, 3, 5), True),
+        (conv_op((1, 1), "SAME"), (2, 6, 6, 6), (3, 3, 6, 5), False),  # C_in > P
+        (conv_op((1, 1), "SAME"), (2, 6, 6, 3), (1, 1, 3, 5), False),  # 1x1
     ],
 )
-def test_population_of_masks_on_a_shared_input_equals_a_loop(op, x_shape, k_shape):
+def test_population_of_masks_on_a_shared_input_equals_a_loop(
+    op, x_shape, k_shape, per_channel
+):
+    """Both population routes (per-channel sums, stacked kernels) equal the loop."""
+    assert masked_layers._per_channel_pays(op, np.zeros(k_shape), POPULATION) == (
+        per_channel
+    )
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
     k = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
-    masks = jnp.asarray(rng.random((4, x_shape[-1])) < 0.6, jnp.float32)
+    masks = jnp.asarray(rng.random((POPULATION, x_shape[-1])) < 0.6, jnp.float32)
     got = jax.vmap(lambda m: masked_contraction(op, x, m, k))(masks)
     for i in range(len(masks)):
         np.testing.assert_allclose(got[i], op(x * masks[i], k), rtol=1e-5, atol=1e-5)

@@ -10,6 +10,19 @@ masked kernels along the output axis and runs ONE wide matmul or convolution on 
 shared input. On a 2-core CPU this made LeNet-300-100's population forward at P=64
 3.4x faster (benchmarks/results/population_forward.md).
 
+A convolution with a ``k x k`` window has a cheaper form still when the population
+is at least as large as its input channels: ``conv(x * m, W) = sum_c m_c conv(x_c,
+W_c)``, so the ``C_in`` per-channel convolutions of the shared input are computed
+once (one grouped convolution, ``k^2 C_in C_out`` multiply-adds per pixel) and each
+individual only mixes them with its mask (``C_in C_out`` per pixel) instead of
+running the whole convolution (``k^2 C_in C_out``): ``k^2`` times fewer operations
+per individual, with an intermediate no larger than the stacked output. For
+LeNet-5's second convolution (6 -> 16 channels, 5x5) at P=64 on 512 probes this
+halved a KL + top-1 fitness evaluation on 2 CPU cores (0.34-0.45 s -> 0.15-0.19 s
+per population, interleaved runs); the mix is written as a broadcast
+multiply-and-sum, which XLA fused with the following ReLU and max-pool (a
+``(P, C_in) x (C_in, ...)`` einsum measured 10-20% slower there).
+
 The choice needs to know which arguments are batched, which only a batching rule
 sees: :func:`masked_contraction` is a ``jax.custom_batching.custom_vmap`` function
 (kernel-side masking when only the mask is batched, the plain formula otherwise),
@@ -19,8 +32,11 @@ operations, so gradients (training, FGSM, probe synthesis) work as before.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,16 +51,29 @@ def dense_op(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return x @ kernel
 
 
-@functools.cache
-def conv_op(strides: tuple[int, ...], padding) -> LinearOp:
+@dataclasses.dataclass(frozen=True)
+class ConvOp:
     """A NHWC / HWIO convolution with fixed strides and padding."""
 
-    def op(x, kernel):
+    strides: tuple[int, ...]
+    padding: Any  # "SAME" / "VALID" or ((lo, hi), ...) per spatial axis
+
+    def __call__(self, x: jax.Array, kernel: jax.Array, groups: int = 1):
         return jax.lax.conv_general_dilated(
-            x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            x,
+            kernel,
+            self.strides,
+            self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
         )
 
-    return op
+
+def conv_op(strides, padding) -> ConvOp:
+    """A NHWC / HWIO convolution with fixed strides and padding (hashable)."""
+    if not isinstance(padding, str):
+        padding = tuple(tuple(int(v) for v in pair) for pair in padding)
+    return ConvOp(tuple(int(v) for v in strides), padding)
 
 
 def masked_contraction(
@@ -64,6 +93,8 @@ def _masked(op: LinearOp):
     def rule(axis_size, in_batched, x, mask, kernel):
         x_batched, mask_batched, kernel_batched = in_batched
         if mask_batched and not x_batched and not kernel_batched:
+            if _per_channel_pays(op, kernel, axis_size):
+                return _per_channel_sums(op, x, mask, kernel), True
             return _stacked_kernels(op, x, mask, kernel), True
         axes = tuple(0 if b else None for b in in_batched)
         return jax.vmap(lambda a, m, k: op(a * m, k), in_axes=axes)(
@@ -104,3 +135,25 @@ def _stacked_kernels(op, x, masks, kernel):
     stacked = jnp.moveaxis(kernel * rows, 0, -2).reshape(*kernel.shape[:-1], p * out)
     y = op(x, stacked)
     return jnp.moveaxis(y.reshape(*y.shape[:-1], p, out), -2, 0)
+
+
+def _per_channel_pays(op, kernel, population: int) -> bool:
+    """Whether :func:`_per_channel_sums` beats stacked kernels: a convolution with
+    a window larger than one pixel, and no more input channels than individuals
+    (so its intermediate is no larger than the output)."""
+    window = math.prod(kernel.shape[:-2])
+    return isinstance(op, ConvOp) and window > 1 and kernel.shape[-2] <= population
+
+
+def _per_channel_sums(op: ConvOp, x, masks, kernel):
+    """``(P, *op(x, kernel).shape)`` as ``sum_c masks[:, c] * conv(x_c, W_c)``: the
+    per-input-channel convolutions of the shared ``x`` once (a grouped convolution),
+    then each individual's mask-weighted sum of them."""
+    cin, cout = kernel.shape[-2:]
+    grouped = kernel.reshape(*kernel.shape[:-2], 1, cin * cout)  # group c: W[.., c, :]
+    parts = op(x, grouped, groups=cin)
+    parts = parts.reshape(*parts.shape[:-1], cin, cout)
+    weights = masks.astype(parts.dtype).reshape(
+        masks.shape[0], *([1] * (parts.ndim - 2)), cin, 1
+    )
+    return jnp.sum(weights * parts[None], axis=-2)
