@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gapruning as gp
+from gapruning.forward import auto_chunk_size, per_channel_chunk, population_footprint
 from gapruning.models import masked_layers
 from gapruning.models.masked_layers import conv_op, dense_op, masked_contraction
 
@@ -47,3 +49,20 @@ def test_population_of_masks_on_a_shared_input_equals_a_loop(
     g, want = jax.grad(loss, (0, 1))(x, k), jax.grad(reference, (0, 1))(x, k)
     for a, b in zip(g, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "model, floor",
+    [("lenet5-fmnist", 6), ("lenet300-fmnist", 1), ("resnet20-fmnist", 1)],
+)
+def test_auto_chunks_are_large_enough_for_the_per_channel_route(model, floor):
+    """LeNet-5's second convolution (6 input channels, 80% of the per-individual
+    work) gets chunks of at least 6 individuals; ResNet-20, whose shared-input
+    convolution is 5% of the work, and MLPs keep the activation budget."""
+    net = gp.load(model)
+    assert per_channel_chunk(net) == floor
+    assert per_channel_chunk(net, kernel_masks=True) == 1
+    tight = population_footprint(net, 512)  # a budget of one individual
+    assert auto_chunk_size(net, 64, 512, budget=tight) == (8 if floor == 6 else 1)
+    assert auto_chunk_size(net, 4, 512, budget=tight) == (4 if floor == 6 else 1)
+    assert auto_chunk_size(net, 64, 512, budget=64 * tight) == 64
