@@ -149,3 +149,23 @@ def test_taps_return_intermediates_without_changing_outputs(bn_net):
         one = {k: v[i] for k, v in masks.items()}
         _, single = fit_apply.taps(one, x, ("r2",))
         np.testing.assert_allclose(pop["r2"][i], single["r2"], atol=1e-5)
+
+
+def test_inversion_moment_prior_follows_the_card(lenet300):
+    """On a standardized card the default inversion probes are pulled towards batch
+    mean 0 / std 1 (the data's statistics); a card without mean/std gets no prior."""
+
+    def stats(net, **kw):
+        x = np.asarray(
+            gp.make_probes(net, "inversion", 20, steps=60, cache=False, **kw)
+        )
+        return abs(x.mean()) + abs(x.std() - 1.0)
+
+    assert "mean" in lenet300.card["input"]
+    assert stats(lenet300) < 0.5 * stats(lenet300, moment_weight=0.0)
+    plain = {
+        k: v for k, v in lenet300.card["input"].items() if k not in ("mean", "std")
+    }
+    card = dict(lenet300.card, input=plain)
+    raw = gp.zoo.Pretrained(lenet300.model, card)
+    assert stats(raw) == pytest.approx(stats(raw, moment_weight=0.0))
