@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .models import Mask, Net
+from .models.masked_layers import conv_op, per_channel_population
 from .space import MaskError
 from .zoo import Pretrained
 
@@ -88,11 +89,10 @@ def activation_budget() -> int:
     )
 
 
-def _batched_nodes(net: Net, kernel_masks: bool) -> tuple[list, set[str]]:
-    """Nodes in order, and the names of those computed per individual: Dense/Conv
-    layers reading a mask (with ``kernel_masks``: every Dense/Conv layer) and
-    everything downstream (a unit mask on a shared tensor is folded into the
-    kernel, never materialized)."""
+def _batched_nodes(net: Net, kernel_masks: bool) -> set[str]:
+    """Names of the nodes computed per individual: Dense/Conv layers reading a mask
+    (with ``kernel_masks``: every Dense/Conv layer) and everything downstream (a
+    unit mask on a shared tensor is folded into the kernel, never materialized)."""
     by_name = {n.name: n for n in net.nodes}
     batched: set[str] = set()
     for n in net.nodes:
@@ -100,7 +100,7 @@ def _batched_nodes(net: Net, kernel_masks: bool) -> tuple[list, set[str]]:
             batched & set(n.inputs)
         ):
             batched.add(n.name)
-    return list(net.nodes), batched
+    return batched
 
 
 def _mask_read(n, by_name):
@@ -117,42 +117,45 @@ def population_footprint(
     """Bytes per individual of the largest tensor that carries the population axis
     (see :func:`_batched_nodes`)."""
     net = _net(model)
-    nodes, batched = _batched_nodes(net, kernel_masks)
-    largest = max((math.prod(n.shape) for n in nodes if n.name in batched), default=1)
+    batched = _batched_nodes(net, kernel_masks)
+    largest = max(
+        (math.prod(n.shape) for n in net.nodes if n.name in batched), default=1
+    )
     return batch * 4 * largest
 
 
 def per_channel_chunk(model: Pretrained | Net, kernel_masks: bool = False) -> int:
     """Individuals a chunk needs so that the convolutions reading a masked shared
     input take the per-channel route of
-    :func:`~gapruning.models.masked_layers.masked_contraction` (their largest input
-    channel count), when those convolutions carry at least half of the per-individual
-    multiply-adds; else 1. LeNet-5 (its second convolution, 6 input channels, is 80%
-    of them) ran 2.1x faster in chunks of 8-32 than of 4 (2 CPU cores, 512 probes);
-    ResNet-20 (its first masked convolution is 5%) ran 2.8x slower in chunks of 16
-    than of 1, so it keeps the activation budget."""
-    net = _net(model)
+    :func:`~gapruning.models.masked_layers.masked_contraction` (the largest
+    :func:`~gapruning.models.masked_layers.per_channel_population`), when those
+    convolutions carry at least half of the per-individual multiply-adds; else 1.
+    LeNet-5 (its second convolution, 6 input channels, is 80% of them) ran 2.1x
+    faster in chunks of 8-32 than of 4 (2 CPU cores, 512 probes); ResNet-20 (its
+    first masked convolution is 5%) ran 2.8x slower in chunks of 16 than of 1, so
+    it keeps the activation budget."""
     if kernel_masks:
         return 1
-    nodes, batched = _batched_nodes(net, kernel_masks)
-    by_name = {n.name: n for n in nodes}
-    macs, shared_macs, channels = 0, 0, 1
-    for n in nodes:
+    net = _net(model)
+    batched = _batched_nodes(net, kernel_masks)
+    by_name = {n.name: n for n in net.nodes}
+    macs, shared_macs, chunk = 0, 0, 1
+    for n in net.nodes:
         if n.op not in ("dense", "conv") or n.name not in batched:
             continue
         kernel = net.layers[n.name].kernel[...].shape
         work = math.prod(n.shape) * math.prod(kernel[:-1])
         macs += work
         mask = _mask_read(n, by_name)
-        if (
-            n.op == "conv"
-            and mask is not None
-            and mask.inputs[0] not in batched
-            and math.prod(kernel[:-2]) > 1
-        ):
+        if mask is None or mask.inputs[0] in batched or n.op != "conv":
+            continue
+        fewest = per_channel_population(
+            conv_op(n.attr("strides"), n.attr("padding")), kernel
+        )
+        if fewest is not None:
             shared_macs += work
-            channels = max(channels, kernel[-2])
-    return channels if 2 * shared_macs >= macs else 1
+            chunk = max(chunk, fewest)
+    return chunk if 2 * shared_macs >= macs else 1
 
 
 def auto_chunk_size(

@@ -124,32 +124,14 @@ def test_merge_matrix_matches_loop_reference(threshold):
     np.testing.assert_allclose(z, _merge_matrix_reference(v, mask, threshold), 1e-5)
 
 
-def test_lstsq_update_matches_float64_normal_equations():
-    rng = np.random.default_rng(1)
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_lstsq_update_matches_float64_normal_equations(with_prior):
+    """min ||X_k W'_k - X W||^2 + lam ||W'_k - P_k||^2 (P = W without a prior);
+    removed rows are those of P."""
+    rng = np.random.default_rng(2 if with_prior else 1)
     x = rng.normal(size=(50, 7)) @ rng.normal(size=(7, 7))
     w = rng.normal(size=(7, 3))
-    mask = np.array([1, 0, 1, 1, 0, 1, 1], bool)
-    gram = x.T @ x
-    ridge = 0.05
-    lam = ridge * np.mean(np.diag(gram))
-    k, r = np.flatnonzero(mask), np.flatnonzero(~mask)
-    # min ||X_k W'_k - X W||^2 + lam ||W'_k - W_k||^2
-    want = w.copy()
-    want[k] = np.linalg.solve(
-        gram[np.ix_(k, k)] + lam * np.eye(len(k)), x[:, k].T @ (x @ w) + lam * w[k]
-    )
-    got = recover.lstsq_update(
-        jnp.asarray(gram, jnp.float32), jnp.asarray(w, jnp.float32), mask, ridge
-    )
-    np.testing.assert_allclose(got[k], want[k], rtol=2e-3, atol=2e-3)
-    np.testing.assert_array_equal(got[r], np.float32(w[r]))
-
-
-def test_lstsq_update_with_prior_matches_float64_normal_equations():
-    """min ||X_k W'_k - X W||^2 + lam ||W'_k - P_k||^2; removed rows from P."""
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(50, 7)) @ rng.normal(size=(7, 7))
-    w, prior = rng.normal(size=(7, 3)), rng.normal(size=(7, 3))
+    prior = rng.normal(size=(7, 3)) if with_prior else w
     mask = np.array([1, 0, 1, 1, 0, 1, 1], bool)
     gram = x.T @ x
     ridge = 0.05
@@ -165,10 +147,13 @@ def test_lstsq_update_with_prior_matches_float64_normal_equations():
         jnp.asarray(w, jnp.float32),
         mask,
         ridge,
-        jnp.asarray(prior, jnp.float32),
+        jnp.asarray(prior, jnp.float32) if with_prior else None,
     )
     np.testing.assert_allclose(got[k], want[k], rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(got[r], np.float32(prior[r]))
+    if with_prior:
+        np.testing.assert_allclose(got[r], np.float32(prior[r]))
+    else:
+        np.testing.assert_array_equal(got[r], np.float32(w[r]))
 
 
 def test_lstsq_with_cosine_prior_interpolates_merge_and_lstsq():

@@ -137,12 +137,20 @@ def _stacked_kernels(op, x, masks, kernel):
     return jnp.moveaxis(y.reshape(*y.shape[:-1], p, out), -2, 0)
 
 
+def per_channel_population(op, kernel_shape) -> int | None:
+    """The fewest individuals for which a population of masks on a shared input
+    takes the :func:`_per_channel_sums` route (its input channels, so the
+    intermediate is no larger than the output), or ``None`` if it never does
+    (not a convolution, or a 1x1 window)."""
+    if not isinstance(op, ConvOp) or math.prod(kernel_shape[:-2]) <= 1:
+        return None
+    return int(kernel_shape[-2])
+
+
 def _per_channel_pays(op, kernel, population: int) -> bool:
-    """Whether :func:`_per_channel_sums` beats stacked kernels: a convolution with
-    a window larger than one pixel, and no more input channels than individuals
-    (so its intermediate is no larger than the output)."""
-    window = math.prod(kernel.shape[:-2])
-    return isinstance(op, ConvOp) and window > 1 and kernel.shape[-2] <= population
+    """Whether :func:`_per_channel_sums` beats stacked kernels for ``population``."""
+    fewest = per_channel_population(op, kernel.shape)
+    return fewest is not None and fewest <= population
 
 
 def _per_channel_sums(op: ConvOp, x, masks, kernel):
