@@ -224,6 +224,7 @@ def main():
     ap.add_argument("--paoding-step", type=float, default=0.03125)
     ap.add_argument("--attack-samples", type=int, default=2000)
     ap.add_argument("--methods", default="", help="comma-separated subset")
+    ap.add_argument("--models", default="", help="comma-separated subset")
     ap.add_argument(
         "--report-only", action="store_true", help="write the tables from saved rows"
     )
@@ -240,6 +241,8 @@ def main():
         ]
     if args.quick:
         plans, seeds = [("lenet300-fmnist", "units", (0.5,))], seeds[:1]
+    if args.models:
+        plans = [p for p in plans if p[0] in args.models.split(",")]
     names = method_names()
     if args.methods:
         names = [n for n in names if n in args.methods.split(",")]

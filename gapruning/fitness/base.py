@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from ..forward import _with_kernel_masks, _with_unit_masks, mask_kind
 from ..models import Net
@@ -158,10 +159,16 @@ def register_metric(
 
 
 def dense_logits(pretrained: Pretrained, probes, batch_size: int = 1024):
-    """The dense model's outputs on the probes (checked to be finite)."""
+    """The dense model's outputs on the probes (checked to be finite), jitted: op
+    by op, ResNet-20 on 256 probes took 5.1 s instead of 0.85 s with compilation."""
     net = pretrained.model if isinstance(pretrained, Pretrained) else pretrained
+    graphdef, state = nnx.split(net)
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
     out = jnp.concatenate(
-        [net(probes[i : i + batch_size]) for i in range(0, len(probes), batch_size)]
+        [
+            forward(state, probes[i : i + batch_size])
+            for i in range(0, len(probes), batch_size)
+        ]
     )
     if not bool(jnp.all(jnp.isfinite(out))):
         raise FitnessError(
