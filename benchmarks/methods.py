@@ -183,9 +183,9 @@ def markdown(summary, dense, settings, info, errors) -> str:
         )
     lines += [
         "",
-        "| model | removed | method | test acc % | FGSM 0.05 % | PGD 0.05 % | "
+        "| model | removed | method | runs | test acc % | FGSM 0.05 % | PGD 0.05 % | "
         "params | FLOPs | search s |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def pm(s, k):
@@ -193,7 +193,7 @@ def markdown(summary, dense, settings, info, errors) -> str:
 
     for s in summary:
         lines.append(
-            f"| {s['model']} | {100 * s['target']:.0f}% | {s['method']} | "
+            f"| {s['model']} | {100 * s['target']:.0f}% | {s['method']} | {s['n']} | "
             f"{pm(s, 'accuracy')} | {pm(s, 'fgsm_0.05')} | {pm(s, 'pgd_0.05')} | "
             f"{s['params']} | {s['flops']} | {s['seconds']:.1f} |"
         )
