@@ -12,6 +12,7 @@ from fitness_nets import (
     tiny_all_ops,
     tiny_bn,
 )
+from flax import nnx
 
 import gapruning as gp
 from gapruning import fitness as F
@@ -95,6 +96,21 @@ def test_metric_functions_have_formula_docstrings():
 
 
 # ------------------------------------------------------------- interval bounds
+
+
+def test_dense_logits_equals_the_model_and_compiles_once_per_architecture():
+    from gapruning.fitness.base import _forward, dense_logits
+
+    first, second = gp.load("lenet5-fmnist"), gp.load("lenet5-fmnist")
+    x = np.random.default_rng(0).normal(size=(8, *first.input_shape))
+    x = jnp.asarray(x, jnp.float32)
+    np.testing.assert_array_equal(dense_logits(first, x), first.model(x))
+    compiled = _forward._cache_size()
+    # another copy of the architecture, other weights: no new compilation
+    state = nnx.state(second.model)
+    nnx.update(second.model, jax.tree.map(lambda a: a * 2.0, state))
+    np.testing.assert_array_equal(dense_logits(second, x), second.model(x))
+    assert _forward._cache_size() == compiled
 
 
 def test_interval_bounds_contain_1000_random_points():
