@@ -37,7 +37,8 @@ EPS = 0.05
 
 
 def _row(name, level, net, dense_acc, test, seconds, attack_set=None):
-    """Clean accuracy on ``test``, FGSM/PGD on ``attack_set`` (default ``test``)."""
+    """Clean accuracy on ``test``, FGSM/PGD on ``attack_set`` (default ``test``);
+    ``dense_acc`` None: this is the dense row."""
     if attack_set is None:
         m = c = gp.evaluate(net, test, attacks=("fgsm", "pgd"), eps=(EPS,))
     else:
@@ -49,8 +50,7 @@ def _row(name, level, net, dense_acc, test, seconds, attack_set=None):
         "accuracy": c["accuracy"],
         "fgsm": m["fgsm"][EPS],
         "pgd": m["pgd"][EPS],
-        "retention": 100 * c["accuracy"] / dense_acc,
-        "published_retention": PUBLISHED.get(level),
+        "retention": 100 * c["accuracy"] / (dense_acc or c["accuracy"]),
         "params": gp.param_count(net),
         "seconds": round(seconds, 1),
     }
@@ -165,7 +165,7 @@ def main() -> None:
     test = gp.data.fashion_mnist("test")
     if args.limit:
         test = (test.images[: args.limit], test.labels[: args.limit])
-    dense = _row("dense", 0.0, net, 1.0, test, 0.0)
+    dense = _row("dense", 0.0, net, None, test, 0.0)
     dense_acc = dense["accuracy"]
     result = {
         "model": net.name,
@@ -191,7 +191,9 @@ def main() -> None:
 
     def add(name, level, model, t0):
         seconds = time.perf_counter() - t0
-        result["rows"].append(_row(name, level, model, dense_acc, test, seconds))
+        row = _row(name, level, model, dense_acc, test, seconds)
+        row["published_retention"] = PUBLISHED.get(level)
+        result["rows"].append(row)
         print(json.dumps(result["rows"][-1]), flush=True)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "recovery.json").write_text(json.dumps(result, indent=1))
@@ -244,15 +246,13 @@ def resnet20(args) -> None:
     result = {"model": net.name, "machine": machine(), "rows": []}
 
     def add(name, model, seconds):
+        dense_acc = result["rows"][0]["accuracy"] if result["rows"] else None
         row = _row(name, 0.5, model, dense_acc, test, seconds, attack_set)
-        del row["published_retention"]  # Neuron Merging's are LeNet-300-100's
         result["rows"].append(row)
-        print(json.dumps(result["rows"][-1]), flush=True)
+        print(json.dumps(row), flush=True)
         write("recovery_resnet20", result, _resnet_markdown(result))
 
-    dense_acc = 1.0
     add("dense", net, 0.0)
-    dense_acc = result["rows"][0]["accuracy"]
     t0 = time.perf_counter()
     probes = gp.probes.make_probes(net, "bn_stats", args.resnet_probes, seed=0)
     probes.block_until_ready()
