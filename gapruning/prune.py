@@ -171,7 +171,10 @@ def prune(
             bounded by activation memory, see ``gp.forward.auto_chunk_size``).
         repair: score every individual after merging compensation (``"merge"``:
             Neuron Merging, or ``"lstsq"``; see :mod:`gapruning.recover`); the
-            result is then compensated the same way.
+            result is then compensated the same way (``"lstsq"``: by
+            ``gp.recover.merge``'s layer-after-layer fit, which the search's
+            all-at-once one approximates; ``recover_options={"merge":
+            {"sequential": False}}`` gives the scored repair exactly).
         recover: data-free recovery of the found masks, in order: a merge
             (``"merge"``/``"lstsq"``) before compaction, ``"distill"`` after.
         recover_options: ``{"merge": {...}, "distill": {...}}`` keyword
@@ -251,7 +254,8 @@ def prune(
         fit = _fitness(net, fitness, probes, num_probes, seed, dtype, chunk_size)
         if repair is None:
             return fit
-        return recover_lib.repaired_fitness(fit, repair, **merge_opts)
+        opts = {k: v for k, v in merge_opts.items() if k != "sequential"}
+        return recover_lib.repaired_fitness(fit, repair, **opts)
 
     def finish(base: Pretrained, masks) -> Pretrained:
         """Merge (optional), compact, distill (optional)."""

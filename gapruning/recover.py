@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .forward import _with_unit_masks
 from .models import Net
 from .probes import batchnorm_nodes, make_probes
 from .space import PruneSpace
@@ -188,6 +189,15 @@ def _features(x: jax.Array, node, c: Consumer) -> jax.Array:
     return jnp.swapaxes(patches, -1, -2).reshape(-1, kh * kw * cin)
 
 
+def _design(x: jax.Array, node, c: Consumer, bias: bool) -> jax.Array:
+    """The consumer's least-squares design matrix: its input features, plus a
+    column of ones when it has a bias."""
+    f = _features(x.astype(jnp.float32), node, c)
+    if bias:
+        f = jnp.concatenate([f, jnp.ones((f.shape[0], 1), f.dtype)], 1)
+    return f
+
+
 def gram_matrices(
     pretrained: Pretrained, probes: jax.Array, batch_size: int = 128
 ) -> dict[str, jax.Array]:
@@ -204,9 +214,8 @@ def gram_matrices(
         _, taps = model(x, taps=tuple({c.tensor for c in cons}))
         out = {}
         for c in cons:
-            f = _features(taps[c.tensor].astype(jnp.float32), by_name[c.layer], c)
-            if net.layers[c.layer].bias is not None:
-                f = jnp.concatenate([f, jnp.ones((f.shape[0], 1), f.dtype)], 1)
+            bias = net.layers[c.layer].bias is not None
+            f = _design(taps[c.tensor], by_name[c.layer], c, bias)
             out[c.layer] = f.T @ f
         return out
 
@@ -217,17 +226,33 @@ def gram_matrices(
     return total
 
 
-def lstsq_update(gram, weights, row_mask, ridge: float, prior=None) -> jax.Array:
+def lstsq_update(
+    gram, weights, row_mask, ridge: float, prior=None, cross=None
+) -> jax.Array:
     """Re-fits the kept rows of ``weights`` (``(rows, out)``, bias as last row if
-    any) so ``X (M W')`` matches ``X W`` in least squares with a ridge pulling
-    ``W'`` towards ``prior`` (default ``W``): ``W'_k = P_k + (G_kk + lam I)^{-1}
-    G_k: (W - M P)``. Removed rows are returned as in ``prior``. Traceable."""
+    any) so ``X (M W')`` matches ``Y W`` in least squares with a ridge pulling
+    ``W'`` towards ``prior`` (default ``W``), given ``gram = X^T X`` and ``cross
+    = X^T Y`` (default ``gram``: ``Y = X``): ``W'_k = P_k + (G_kk + lam I)^{-1}
+    (C_k: W - G_k: M P)``. Removed rows are returned as in ``prior``. Traceable."""
     m = row_mask.astype(gram.dtype)
     prior = weights if prior is None else prior
     lam = ridge * jnp.mean(jnp.diag(gram))
     a = m[:, None] * gram * m[None, :] + jnp.diag(lam * m + (1 - m))
-    rhs = m[:, None] * (gram @ (weights - m[:, None] * prior))
+    if cross is None:  # one product: no cancellation between two large ones
+        rhs = m[:, None] * (gram @ (weights - m[:, None] * prior))
+    else:
+        rhs = m[:, None] * (cross @ weights - gram @ (m[:, None] * prior))
     return prior + jax.scipy.linalg.solve(a, rhs, assume_a="pos")
+
+
+def _lstsq_probes(
+    pretrained: Pretrained, probes, num_probes: int, seed: int
+) -> jax.Array:
+    """The probes least squares fits on: an array as given, else ``probes`` (a
+    kind; default ``bn_stats`` with BatchNorm, else ``gaussian``) made here."""
+    if probes is None:
+        probes = "bn_stats" if batchnorm_nodes(pretrained.model) else "gaussian"
+    return make_probes(pretrained, probes, num_probes, seed)
 
 
 # ------------------------------------------------------------------ Repair
@@ -299,9 +324,7 @@ class Repair:
         if method == "cosine":
             self.consumers = tuple(c for c in self.consumers if c.group in self._sim)
         else:
-            if probes is None:
-                probes = "bn_stats" if batchnorm_nodes(net) else "gaussian"
-            x = make_probes(pretrained, probes, num_probes, seed)
+            x = _lstsq_probes(pretrained, probes, num_probes, seed)
             self._gram = gram_matrices(pretrained, x)
 
     def layers(self, masks: Mapping) -> dict[str, dict[str, jax.Array]]:
@@ -345,12 +368,82 @@ class Repair:
 
     def __call__(self, masks: Mapping) -> Net:
         """The dense-shaped network with compensated consumer weights."""
-        graphdef, params, rest = nnx.split(self.pretrained.model, nnx.Param, ...)
-        pure = nnx.to_pure_dict(params)
-        for name, new in self.layers(masks).items():
-            pure["layers"][name].update(new)
-        nnx.replace_by_pure_dict(params, pure)
-        return nnx.merge(graphdef, params, rest)
+        return _with_layers(self.pretrained.model, self.layers(masks))
+
+
+def _with_layers(net: Net, layers: Mapping) -> Net:
+    """A copy of ``net`` with ``{layer: {"kernel", "bias"?}}`` replaced."""
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    pure = nnx.to_pure_dict(params)
+    for name, new in layers.items():
+        pure["layers"][name].update(new)
+    nnx.replace_by_pure_dict(params, pure)
+    return nnx.merge(graphdef, params, rest)
+
+
+def sequential_lstsq(
+    pretrained: Pretrained,
+    masks: Mapping,
+    probes: jax.Array,
+    *,
+    ridge: float = 1e-2,
+    prior: str = "cosine",
+    threshold: float = 0.0,
+    batch_size: int = 128,
+) -> Net:
+    """``"lstsq"`` merging compensation fit consumer after consumer, in graph
+    order, each on the inputs of the pruned network as repaired so far, to the
+    dense network's pre-activations: ``min ||X_p M W' - X_d W||^2 + lam ||M (W'
+    - P)||^2`` with ``X_p`` the pruned and ``X_d`` the dense features on the
+    probes. Each consumer so also corrects the error of every layer before it
+    (as ThiNet and He et al., 2017, reconstruct layer after layer); the
+    parallel :class:`Repair` fits every consumer to the dense inputs at once.
+    On ResNet-20 at 50 % of FLOPs removed by L1 this raised held-out accuracy
+    from 23 % to 83 % (benchmarks/results/recovery_resnet20.md). ``ridge`` and
+    ``prior``, ``threshold`` as :class:`Repair`. Returns the dense-shaped
+    network."""
+    net = pretrained.model
+    masks = {g: jnp.asarray(np.asarray(m), jnp.float32) for g, m in masks.items()}
+    by_name = {n.name: n for n in net.nodes}
+    sizes = {g.name: g.size for g in pretrained.space.groups}
+    cosine = Repair(
+        pretrained, "cosine", ridge=ridge, threshold=threshold, prior=prior
+    )  # validates the options
+    priors = cosine.layers(masks) if cosine.prior == "cosine" else {}
+    dense_graph, dense_state = nnx.split(net)
+    layers = {}
+    for c in consumers(net):
+        node, layer = by_name[c.layer], net.layers[c.layer]
+        bias = layer.bias is not None
+        graphdef, state = nnx.split(_with_unit_masks(_with_layers(net, layers), masks))
+
+        @jax.jit
+        def grams(state, x, c=c, node=node, bias=bias, graphdef=graphdef):
+            _, pruned = nnx.merge(graphdef, state)(x, taps=(c.tensor,))
+            _, dense = nnx.merge(dense_graph, dense_state)(x, taps=(c.tensor,))
+            xp = _design(pruned[c.tensor], node, c, bias)
+            xd = _design(dense[c.tensor], node, c, bias)
+            return xp.T @ xp, xp.T @ xd
+
+        gram = cross = 0.0
+        for i in range(0, len(probes), batch_size):
+            g, x = grams(state, probes[i : i + batch_size])
+            gram, cross = gram + g, cross + x
+        kernel = layer.kernel[...]
+        w = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
+        p = priors[c.layer]["kernel"] if c.layer in priors else kernel
+        p = p.reshape(w.shape).astype(jnp.float32)
+        row_mask = jnp.tile(masks[c.group], w.shape[0] // sizes[c.group])
+        if bias:
+            w = jnp.concatenate([w, layer.bias[...][None].astype(jnp.float32)])
+            p = jnp.concatenate([p, w[-1:]])
+            row_mask = jnp.concatenate([row_mask, jnp.ones(1)])
+        w = lstsq_update(gram, w, row_mask, ridge, p, cross)
+        layers[c.layer] = {"kernel": w[: len(p) - bias].reshape(kernel.shape)}
+        layers[c.layer]["kernel"] = layers[c.layer]["kernel"].astype(kernel.dtype)
+        if bias:
+            layers[c.layer]["bias"] = w[-1].astype(layer.bias.dtype)
+    return _with_layers(net, layers)
 
 
 def merge(
@@ -358,6 +451,8 @@ def merge(
     masks: Mapping,
     probes=None,
     method: str = "cosine",
+    *,
+    sequential: bool = True,
     **options,
 ) -> Pretrained:
     """Merging compensation of ``pretrained`` for ``masks`` (see module doc).
@@ -371,6 +466,10 @@ def merge(
             see benchmarks/results/recovery.md).
         method: ``"cosine"`` (Neuron Merging, Kim et al., 2020; alias
             ``"merge"``) or ``"lstsq"`` (ridge re-fit of the consumers on probes).
+        sequential: ``"lstsq"`` only: fit the consumers one after another on
+            the repaired pruned network's inputs (:func:`sequential_lstsq`);
+            ``False``: all at once on the dense inputs, as :class:`Repair` does
+            inside the fitness.
         **options: ``num_probes``, ``seed``, ``ridge``, ``threshold``, ``prior`` of
             :class:`Repair`.
 
@@ -386,11 +485,21 @@ def merge(
     """
     pretrained = _pretrained(pretrained)
     pretrained.space.validate(masks)
-    repair = Repair(pretrained, method, probes, **options)
     masks = {g: jnp.asarray(np.asarray(m), jnp.float32) for g, m in masks.items()}
-    model = repair(masks)
+    sequential = sequential and REPAIR_ALIASES.get(method, method) == "lstsq"
+    if sequential:
+        fit = dict(options)
+        x = _lstsq_probes(
+            pretrained, probes, fit.pop("num_probes", 512), fit.pop("seed", 0)
+        )
+        model = sequential_lstsq(pretrained, masks, x, **fit)
+        method = "lstsq"
+    else:
+        repair = Repair(pretrained, method, probes, **options)
+        model = repair(masks)
+        method = repair.method
     card = dict(pretrained.card)
-    card["repair"] = {"method": repair.method, **options}
+    card["repair"] = {"method": method, "sequential": sequential, **options}
     return Pretrained(model, card)
 
 

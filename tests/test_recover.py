@@ -124,14 +124,15 @@ def test_merge_matrix_matches_loop_reference(threshold):
     np.testing.assert_allclose(z, _merge_matrix_reference(v, mask, threshold), 1e-5)
 
 
-@pytest.mark.parametrize("with_prior", [False, True])
-def test_lstsq_update_matches_float64_normal_equations(with_prior):
-    """min ||X_k W'_k - X W||^2 + lam ||W'_k - P_k||^2 (P = W without a prior);
-    removed rows are those of P."""
-    rng = np.random.default_rng(2 if with_prior else 1)
+@pytest.mark.parametrize("case", ["plain", "prior", "cross"])
+def test_lstsq_update_matches_float64_normal_equations(case):
+    """min ||X_k W'_k - Y W||^2 + lam ||W'_k - P_k||^2 (P = W without a prior,
+    Y = X without a cross term); removed rows are those of P."""
+    rng = np.random.default_rng(["plain", "prior", "cross"].index(case))
     x = rng.normal(size=(50, 7)) @ rng.normal(size=(7, 7))
+    y = x + 0.3 * rng.normal(size=x.shape) if case == "cross" else x
     w = rng.normal(size=(7, 3))
-    prior = rng.normal(size=(7, 3)) if with_prior else w
+    prior = rng.normal(size=(7, 3)) if case != "plain" else w
     mask = np.array([1, 0, 1, 1, 0, 1, 1], bool)
     gram = x.T @ x
     ridge = 0.05
@@ -140,20 +141,110 @@ def test_lstsq_update_matches_float64_normal_equations(with_prior):
     want = prior.copy()
     want[k] = np.linalg.solve(
         gram[np.ix_(k, k)] + lam * np.eye(len(k)),
-        x[:, k].T @ (x @ w) + lam * prior[k],
+        x[:, k].T @ (y @ w) + lam * prior[k],
     )
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     got = recover.lstsq_update(
-        jnp.asarray(gram, jnp.float32),
-        jnp.asarray(w, jnp.float32),
+        f32(gram),
+        f32(w),
         mask,
         ridge,
-        jnp.asarray(prior, jnp.float32) if with_prior else None,
+        f32(prior) if case != "plain" else None,
+        f32(x.T @ y) if case == "cross" else None,
     )
     np.testing.assert_allclose(got[k], want[k], rtol=2e-3, atol=2e-3)
-    if with_prior:
-        np.testing.assert_allclose(got[r], np.float32(prior[r]))
-    else:
-        np.testing.assert_array_equal(got[r], np.float32(w[r]))
+    np.testing.assert_allclose(got[r], np.float32(prior[r]))
+
+
+def _ridge_fit(xp, xd, w, keep, ridge, prior):
+    """float64 reference: kept rows of ``min ||xp_k W' - xd W||^2 + lam ||W' -
+    prior_k||^2``, the others those of ``prior``; ``lam`` is ``ridge`` times the
+    mean of diag(xp^T xp) over all rows (``xp`` the tensor before its mask)."""
+    gram = xp.T @ xp
+    lam = ridge * np.mean(np.diag(gram))
+    out = prior.copy()
+    out[keep] = np.linalg.solve(
+        gram[np.ix_(keep, keep)] + lam * np.eye(len(keep)),
+        xp[:, keep].T @ (xd @ w) + lam * prior[keep],
+    )
+    return out
+
+
+def test_sequential_lstsq_matches_float64_layer_by_layer_reference():
+    """fc2 is fit on the (unpruned) fc1 features, then ``out`` on the features
+    of the network with fc2 already repaired, each to the dense pre-activations."""
+    net = tiny_mlp(seed=3)
+    masks = {
+        "fc1": np.array([1, 0, 1, 1, 0, 1, 1, 0], bool),
+        "fc2": np.array([1, 1, 0, 1, 0, 1], bool),
+    }
+    x = np.asarray(_inputs(net, 200, seed=5), np.float64)
+    p = {
+        name: (
+            np.asarray(net.model.layers[name].kernel[...], np.float64),
+            np.asarray(net.model.layers[name].bias[...], np.float64),
+        )
+        for name in ("fc1", "fc2", "out")
+    }
+    ones = np.ones((len(x), 1))
+    relu = lambda z: np.maximum(z, 0)  # noqa: E731
+    h1 = relu(x @ p["fc1"][0] + p["fc1"][1])
+    want = {}
+    dense_in = pruned_in = h1  # consumer inputs before their masks
+    for name, group in (("fc2", "fc1"), ("out", "fc2")):
+        wb = np.vstack([p[name][0], p[name][1][None]])
+        keep = np.flatnonzero(np.append(masks[group], True))
+        fit = _ridge_fit(
+            np.hstack([pruned_in, ones]),
+            np.hstack([dense_in, ones]),
+            wb,
+            keep,
+            0.01,
+            wb,
+        )
+        want[name] = fit
+        if name == "fc2":
+            dense_in = relu(h1 @ p["fc2"][0] + p["fc2"][1])
+            pruned_in = relu(np.hstack([h1 * masks["fc1"], ones]) @ fit)
+    repaired = recover.merge(
+        net, masks, jnp.asarray(x, jnp.float32), "lstsq", prior="dense", ridge=0.01
+    )
+    assert repaired.card["repair"]["sequential"] is True
+    for name, wb in want.items():
+        layer = repaired.model.layers[name]
+        np.testing.assert_allclose(layer.kernel[...], wb[:-1], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(layer.bias[...], wb[-1], rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(  # fc1 reads the input: unchanged
+        repaired.model.layers["fc1"].kernel[...], net.model.layers["fc1"].kernel[...]
+    )
+
+
+@pytest.mark.parametrize("make", [tiny_bn, tiny_all_ops])
+def test_sequential_lstsq_first_consumer_as_parallel_and_output_closer(make):
+    """The first consumer sees dense inputs either way, so sequential and parallel
+    fit it alike; the outputs of the sequential repair are nearer the dense ones on
+    held-out probes than without repair."""
+    net = make()
+    masks = row(random_unit_masks(net.space, 1, 0.5, seed=3), 0)
+    masks = {g: np.asarray(m, bool) for g, m in masks.items()}
+    probes = gp.make_probes(net, "gaussian", 256, seed=0)
+    held_out = gp.make_probes(net, "gaussian", 256, seed=7)
+    seq = recover.merge(net, masks, probes, "lstsq")
+    par = recover.merge(net, masks, probes, "lstsq", sequential=False)
+    assert par.card["repair"]["sequential"] is False
+    first = recover.consumers(net.model)[0].layer
+    np.testing.assert_allclose(
+        seq.model.layers[first].kernel[...],
+        par.model.layers[first].kernel[...],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    dense = net.model(held_out)
+
+    def error(model):
+        return float(jnp.mean((gp.masked_apply(model, masks, held_out) - dense) ** 2))
+
+    assert error(seq) < error(net)
 
 
 def test_lstsq_with_cosine_prior_interpolates_merge_and_lstsq():
@@ -249,7 +340,13 @@ def test_repaired_fitness_scores_the_repaired_network(method):
     for i in range(2):
         masks = {g: np.asarray(m, bool) for g, m in row(pop, i).items()}
         repaired = recover.merge(
-            net, masks, method=method, probes="gaussian", num_probes=64, seed=1
+            net,
+            masks,
+            method=method,
+            probes="gaussian",
+            num_probes=64,
+            seed=1,
+            sequential=False,
         )
         logits = gp.masked_apply(repaired, masks, fit.probes)
         want = _kl_reference(dense, logits, 4.0)
@@ -421,6 +518,13 @@ def test_prune_with_repair_and_recovery():
     best = {g: jnp.asarray(m, jnp.float32) for g, m in merged.masks.items()}
     np.testing.assert_allclose(merged.search.best_fitness, rfit.single(best), 1e-5)
     assert abs(merged.search.best_fitness - float(fit.single(best))) > 1e-6
+    # the all-at-once repair the search scored, on request
+    scored = gp.prune(
+        net, repair="lstsq", recover_options={"merge": {"sequential": False}}, **kw
+    )
+    chosen = {g: jnp.asarray(m, jnp.float32) for g, m in scored.masks.items()}
+    want = gp.masked_apply(rfit.repair(chosen), chosen, x)
+    np.testing.assert_allclose(scored.pruned.model(x), want, 1e-5, 1e-5)
     distilled = gp.prune(
         net,
         recover=("merge", "distill"),
