@@ -79,8 +79,14 @@ def _markdown(result) -> str:
             f"{goal if goal is not None else '-'} | {100 * r['fgsm']:.2f} | "
             f"{100 * r['pgd']:.2f} | {r['params']:,} | {r['seconds']} |"
         )
-    lines += ["", NOTES]
+    lines += ["", NOTES + _run_notes(result)]
     return "\n".join(lines) + "\n"
+
+
+def _run_notes(result) -> str:
+    """Remarks added to one run's results after it (``result["notes"]``)."""
+    notes = result.get("notes", [])
+    return "".join(f"\n* {n}" for n in notes) + ("\n" if notes else "")
 
 
 NOTES = """\
@@ -121,7 +127,7 @@ ridge towards the pruned weights) 76.00 %, L1 + merge + distill (300 steps of
 constant Adam 1e-3 on 1024 inversion probes, no mixup or push) 81.40 %.
 GA(repair="lstsq") rows are left out: with 2048-probe Gram matrices the search
 did not finish 3 generations in ~8 minutes on this 2-core CPU (not investigated).
-Not run: resnet20-fmnist at 50 % FLOPs (no CPU time left in this session).
+resnet20-fmnist at 50 % of FLOPs removed: recovery_resnet20.md.
 """
 
 
@@ -135,7 +141,8 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=2000)
     ap.add_argument("--no-ga", action="store_true")
     ap.add_argument("--resnet20", action="store_true", help="the resnet20 row only")
-    ap.add_argument("--resnet-steps", type=int, default=300)
+    ap.add_argument("--resnet-steps", type=int, default=1500)
+    ap.add_argument("--resnet-lr", type=float, default=3e-4)
     ap.add_argument("--resnet-probes", type=int, default=256)
     ap.add_argument(
         "--attack-samples", type=int, default=2000, help="resnet20: FGSM/PGD images"
@@ -233,6 +240,16 @@ def main() -> None:
         add("GA(repair=merge) + merge + distill", level, student, t0)
 
 
+# distill on resnet20: features and mixup, no adversarial push, no BatchNorm
+# re-estimation (chosen on a held-out train slice, see RESNET_NOTES)
+RESNET_DISTILL = {
+    "feature_weight": 1.0,
+    "mixup": 0.5,
+    "adversarial": 0,
+    "recalibrate_bn": False,
+}
+
+
 def resnet20(args) -> None:
     """resnet20-fmnist, 50% of FLOPs removed by L1 (global) and by the GA, each
     repaired by least squares on BatchNorm-statistics probes, then distilled on
@@ -258,6 +275,10 @@ def resnet20(args) -> None:
     probes.block_until_ready()
     result["probe_seconds"] = round(time.perf_counter() - t0, 1)
     lstsq = {"method": "lstsq", "probes": probes}
+    distill = dict(RESNET_DISTILL, steps=steps)
+    distill["optimizer"] = optax.adam(
+        optax.cosine_decay_schedule(args.resnet_lr, steps)
+    )
     searches = {
         "L1": lambda: gp.prune(net, "l1", 0.5, budget="flops", progress=False),
         "GA": lambda: gp.prune(
@@ -273,18 +294,22 @@ def resnet20(args) -> None:
         t0 = time.perf_counter()
         found = search()
         add(name, found.pruned, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        repaired = gp.compact(gp.recover.merge(net, found.masks, **lstsq), found.masks)
-        add(f"{name} + lstsq", repaired, time.perf_counter() - t0)
+        for label, sequential in (("lstsq (all at once)", False), ("lstsq", True)):
+            t0 = time.perf_counter()
+            repaired = gp.recover.merge(
+                net, found.masks, sequential=sequential, **lstsq
+            )
+            repaired = gp.compact(repaired, found.masks)
+            add(f"{name} + {label}", repaired, time.perf_counter() - t0)
         t0 = time.perf_counter()
         student = gp.recover.distill(
-            repaired, net, probes=probes, masks=found.masks, steps=steps
+            repaired, net, probes=probes, masks=found.masks, **distill
         )
         add(f"{name} + lstsq + distill", student, time.perf_counter() - t0)
     result["settings"] = {
         "probes": f"bn_stats x{args.resnet_probes} (made once, "
         f"{result['probe_seconds']} s, shared by lstsq and distill)",
-        "distill": {"steps": steps, "defaults": "gp.recover.distill"},
+        "distill": dict(RESNET_DISTILL, steps=steps, lr=f"{args.resnet_lr} cosine"),
         "ga": {"generations": args.generations, "population": args.population},
         "test_samples": args.limit or "all",
         "attack_samples": args.attack_samples,
@@ -311,7 +336,33 @@ def _resnet_markdown(result) -> str:
             f"{100 * r['fgsm']:.2f} | {100 * r['pgd']:.2f} | {r['params']:,} | "
             f"{r['seconds']} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + RESNET_NOTES + _run_notes(result)
+
+
+RESNET_NOTES = """\
+Rows: **L1** global L1 norm (`gp.prune(net, "l1", 0.5, budget="flops")`), **GA**
+`gp.prune` default fitness and GA (20 generations x 32), no compensation;
+**+ lstsq (all at once)** `gp.recover.merge(method="lstsq", sequential=False)`,
+every consumer fit to the dense network's inputs (what `repair="lstsq"` scores
+inside the fitness); **+ lstsq** the default, sequential: consumer after
+consumer, each fit on the inputs of the network repaired so far to the dense
+pre-activations; **+ distill** `gp.recover.distill` on the same 256 probes with
+the settings above (KL at T=4 plus the feature term on the kept channels, mixup,
+Adam cosine-decayed).
+
+How the settings were chosen (never on the test set): by accuracy on images
+58000-59999 of the Fashion-MNIST TRAIN set (dense 96.35 % there), on the masks the
+two searches find. Sequential vs all-at-once lstsq: L1 83.50 vs 23.05 %, GA 93.65
+vs 87.50 % (ridge 0.01 and 0.001 gave the same GA accuracy). Distillation of GA +
+lstsq (93.65 %): 100 steps of plain KL, lr 1e-4: 93.80 % (93.75 % with the
+BatchNorm re-estimation; the re-estimation alone: 93.65 %); 600 steps, lr 3e-4:
+plain 94.00, mixup 94.45, features 94.45, features + mixup 94.65 %; 1500 steps of
+features + mixup: 95.25 %. A plain KL fits the 256 probes (KL 0.003) without
+generalising; the feature term gives each probe thousands of targets. Before
+this (session of 2026-11-22, same probes): all-at-once lstsq and distill's
+defaults (adversarial push, lr 1e-3, BatchNorm re-estimation, 300 steps) took
+L1 + lstsq from 23.99 to 17.60 % and GA + lstsq was 85.74 %.
+"""
 
 
 if __name__ == "__main__":
