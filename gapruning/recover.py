@@ -35,6 +35,10 @@ changed) and ``gp.compact(repaired, masks)`` then removes the units:
   It needs only the consumer's input, so BatchNorm before it and coupled
   (residual) groups are handled as any other input; what a coupled group loses
   through the parameter-free shortcut itself cannot be compensated.
+  :func:`merge` fits the consumers one after another on the inputs of the
+  network repaired so far (:func:`sequential_lstsq`), so each also corrects the
+  layers before it; inside the fitness (:class:`Repair`) all are fit at once on
+  the dense inputs, which is vmappable.
 
 Both are fixed-shape functions of the masks (``jit``/``vmap``-able), with the
 mask-free part (cosine similarities, Gram matrices) computed once, so
@@ -682,7 +686,11 @@ def distill(
     made every epoch (costly for optimised kinds). BatchNorm layers are in
     inference mode during training; their statistics are re-estimated on the
     probes before training (:func:`recalibrate_batchnorm`, shift-corrected when
-    ``masks`` are given).
+    ``masks`` are given). The ResNet-20 benchmark uses ``feature_weight=1,
+    adversarial=0, recalibrate_bn=False`` and a learning rate of 3e-4 (on a
+    held-out slice, the feature term and mixup beat a plain KL, which overfits a
+    small ``bn_stats`` probe set, and the re-estimation did not help; see
+    benchmarks/results/recovery_resnet20.md).
 
     Args:
         pruned: the compacted network (the student); not modified.
