@@ -55,6 +55,7 @@ here reads a dataset.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 
@@ -249,6 +250,32 @@ def lstsq_update(
     return prior + jax.scipy.linalg.solve(a, rhs, assume_a="pos")
 
 
+def _refit(layer, mask, units: int, gram, ridge: float, prior_kernel=None, cross=None):
+    """``{"kernel", "bias"?}`` of the consumer ``layer`` re-fit by
+    :func:`lstsq_update`: the kernel as ``(rows, out)`` rows (bias as the last
+    row, always kept), the rows of unit ``i`` kept where ``mask[i]`` (``units``
+    per position), the ridge pulling towards ``prior_kernel`` (default the
+    kernel). Traceable."""
+    kernel = layer.kernel[...]
+    w = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
+    rows = len(w)
+    prior = None
+    if prior_kernel is not None:
+        prior = prior_kernel.reshape(w.shape).astype(jnp.float32)
+    row_mask = jnp.tile(mask, rows // units)
+    bias = None if layer.bias is None else layer.bias[...]
+    if bias is not None:
+        w = jnp.concatenate([w, bias[None].astype(jnp.float32)])
+        row_mask = jnp.concatenate([row_mask, jnp.ones(1)])
+        if prior is not None:
+            prior = jnp.concatenate([prior, w[-1:]])
+    w = lstsq_update(gram, w, row_mask, ridge, prior, cross)
+    new = {"kernel": w[:rows].reshape(kernel.shape).astype(kernel.dtype)}
+    if bias is not None:
+        new["bias"] = w[-1].astype(bias.dtype)
+    return new
+
+
 def _lstsq_probes(
     pretrained: Pretrained, probes, num_probes: int, seed: int
 ) -> jax.Array:
@@ -352,21 +379,8 @@ class Repair:
                 if bias is not None:
                     new["bias"] = bias
             else:
-                w = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
-                prior = None
-                if self.prior == "cosine":
-                    prior = merged.reshape(w.shape).astype(jnp.float32)
-                row_mask = jnp.tile(mask, w.shape[0] // units)
-                if bias is not None:
-                    w = jnp.concatenate([w, bias[None].astype(jnp.float32)])
-                    row_mask = jnp.concatenate([row_mask, jnp.ones(1)])
-                    if prior is not None:
-                        prior = jnp.concatenate([prior, w[-1:]])
-                w = lstsq_update(self._gram[c.layer], w, row_mask, self.ridge, prior)
-                new = {"kernel": w[: kernel.size // kernel.shape[-1]]}
-                new["kernel"] = new["kernel"].reshape(kernel.shape).astype(kernel.dtype)
-                if bias is not None:
-                    new["bias"] = w[-1].astype(bias.dtype)
+                prior = merged if self.prior == "cosine" else None
+                new = _refit(layer, mask, units, self._gram[c.layer], self.ridge, prior)
             out[c.layer] = new
         return out
 
@@ -383,6 +397,20 @@ def _with_layers(net: Net, layers: Mapping) -> Net:
         pure["layers"][name].update(new)
     nnx.replace_by_pure_dict(params, pure)
     return nnx.merge(graphdef, params, rest)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _taps(graphdef, state, x, names):
+    """The outputs of nodes ``names``: compiled once per architecture (the dense
+    and every masked or repaired network share it)."""
+    return nnx.merge(graphdef, state)(x, taps=names)[1]
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _cross_grams(pruned, dense, node, c: Consumer, bias: bool):
+    """``(X_p^T X_p, X_p^T X_d)`` of the consumer's design matrices."""
+    xp, xd = _design(pruned, node, c, bias), _design(dense, node, c, bias)
+    return xp.T @ xp, xp.T @ xd
 
 
 def sequential_lstsq(
@@ -414,39 +442,30 @@ def sequential_lstsq(
         pretrained, "cosine", ridge=ridge, threshold=threshold, prior=prior
     )  # validates the options
     priors = cosine.layers(masks) if cosine.prior == "cosine" else {}
-    dense_graph, dense_state = nnx.split(net)
+    taps = tuple(dict.fromkeys(c.tensor for c in consumers(net)))
+    graphdef, dense_state = nnx.split(net)
     layers = {}
     for c in consumers(net):
-        node, layer = by_name[c.layer], net.layers[c.layer]
-        bias = layer.bias is not None
-        graphdef, state = nnx.split(_with_unit_masks(_with_layers(net, layers), masks))
-
-        @jax.jit
-        def grams(state, x, c=c, node=node, bias=bias, graphdef=graphdef):
-            _, pruned = nnx.merge(graphdef, state)(x, taps=(c.tensor,))
-            _, dense = nnx.merge(dense_graph, dense_state)(x, taps=(c.tensor,))
-            xp = _design(pruned[c.tensor], node, c, bias)
-            xd = _design(dense[c.tensor], node, c, bias)
-            return xp.T @ xp, xp.T @ xd
-
+        node = by_name[c.layer]
+        bias = net.layers[c.layer].bias is not None
+        _, state = nnx.split(_with_unit_masks(_with_layers(net, layers), masks))
         gram = cross = 0.0
         for i in range(0, len(probes), batch_size):
-            g, x = grams(state, probes[i : i + batch_size])
-            gram, cross = gram + g, cross + x
-        kernel = layer.kernel[...]
-        w = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
-        p = priors[c.layer]["kernel"] if c.layer in priors else kernel
-        p = p.reshape(w.shape).astype(jnp.float32)
-        row_mask = jnp.tile(masks[c.group], w.shape[0] // sizes[c.group])
-        if bias:
-            w = jnp.concatenate([w, layer.bias[...][None].astype(jnp.float32)])
-            p = jnp.concatenate([p, w[-1:]])
-            row_mask = jnp.concatenate([row_mask, jnp.ones(1)])
-        w = lstsq_update(gram, w, row_mask, ridge, p, cross)
-        layers[c.layer] = {"kernel": w[: len(p) - bias].reshape(kernel.shape)}
-        layers[c.layer]["kernel"] = layers[c.layer]["kernel"].astype(kernel.dtype)
-        if bias:
-            layers[c.layer]["bias"] = w[-1].astype(layer.bias.dtype)
+            x = probes[i : i + batch_size]
+            pruned = _taps(graphdef, state, x, taps)[c.tensor]
+            dense = _taps(graphdef, dense_state, x, taps)[c.tensor]
+            g, gx = _cross_grams(pruned, dense, node, c, bias)
+            gram, cross = gram + g, cross + gx
+        prior = priors[c.layer]["kernel"] if c.layer in priors else None
+        layers[c.layer] = _refit(
+            net.layers[c.layer],
+            masks[c.group],
+            sizes[c.group],
+            gram,
+            ridge,
+            prior,
+            cross,
+        )
     return _with_layers(net, layers)
 
 
