@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.custom_batching import custom_vmap
 
 from .forward import _with_unit_masks
 from .models import Net
@@ -247,7 +248,37 @@ def lstsq_update(
         rhs = m[:, None] * (gram @ (weights - m[:, None] * prior))
     else:
         rhs = m[:, None] * (cross @ weights - gram @ (m[:, None] * prior))
-    return prior + jax.scipy.linalg.solve(a, rhs, assume_a="pos")
+    return prior + _solve_pos(a, rhs)
+
+
+def _cholesky_solve(a: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``a^{-1} rhs`` for a symmetric positive definite ``a``."""
+    return jax.scipy.linalg.solve(a, rhs, assume_a="pos")
+
+
+@custom_vmap
+def _solve_pos(a: jax.Array, rhs: jax.Array) -> jax.Array:
+    """:func:`_cholesky_solve`, but under ``vmap`` on CPU one unbatched solve per
+    example (a ``lax.map``): jaxlib 0.10's batched CPU LAPACK kernels split
+    their batch over XLA's intra-op thread pool and block waiting for it, so as
+    many batched solves at once as the pool has threads (two consumers'
+    repairs on a 2-core CPU) deadlock the process. Batched on other platforms."""
+    return _cholesky_solve(a, rhs)
+
+
+@_solve_pos.def_vmap
+def _solve_pos_vmap(axis_size, in_batched, a, rhs):
+    a, rhs = (
+        x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+        for x, batched in zip((a, rhs), in_batched, strict=True)
+    )
+    solved = jax.lax.platform_dependent(
+        a,
+        rhs,
+        cpu=lambda a, rhs: jax.lax.map(lambda ar: _cholesky_solve(*ar), (a, rhs)),
+        default=jax.vmap(_cholesky_solve),
+    )
+    return solved, True
 
 
 def _refit(layer, mask, units: int, gram, ridge: float, prior_kernel=None, cross=None):
