@@ -258,20 +258,22 @@ def _cholesky_solve(a: jax.Array, rhs: jax.Array) -> jax.Array:
 
 @custom_vmap
 def _solve_pos(a: jax.Array, rhs: jax.Array) -> jax.Array:
-    """:func:`_cholesky_solve`, but under ``vmap`` on CPU one unbatched solve per
-    example (a ``lax.map``): jaxlib 0.10's batched CPU LAPACK kernels split
-    their batch over XLA's intra-op thread pool and block waiting for it, so as
-    many batched solves at once as the pool has threads (two consumers'
-    repairs on a 2-core CPU) deadlock the process. Batched on other platforms."""
+    """:func:`_cholesky_solve`, but under ``vmap`` with a batched ``a`` on CPU one
+    unbatched solve per example (a ``lax.map``): jaxlib 0.10's batched CPU LAPACK
+    kernels split their batch over XLA's intra-op thread pool and block waiting
+    for it, so as many batched solves at once as the pool has threads (two
+    consumers' repairs on a 2-core CPU) deadlock the process. Batched on other
+    platforms; a shared ``a`` is factorized once, whatever the platform."""
     return _cholesky_solve(a, rhs)
 
 
 @_solve_pos.def_vmap
 def _solve_pos_vmap(axis_size, in_batched, a, rhs):
-    a, rhs = (
-        x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-        for x, batched in zip((a, rhs), in_batched, strict=True)
-    )
+    a_batched, rhs_batched = in_batched
+    if not a_batched:  # unbatched LAPACK calls, the right-hand sides side by side
+        return jax.vmap(_cholesky_solve, in_axes=(None, 0))(a, rhs), True
+    if not rhs_batched:
+        rhs = jnp.broadcast_to(rhs, (axis_size, *rhs.shape))
     solved = jax.lax.platform_dependent(
         a,
         rhs,

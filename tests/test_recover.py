@@ -3,6 +3,9 @@ distillation on probes, checked against float64 loop references."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -616,9 +619,6 @@ def test_concurrent_population_repairs_do_not_deadlock():
     """Two consumers' least-squares repairs vmapped over a population in one
     program: with jaxlib 0.10's batched CPU solves this hung within a few calls
     on a 2-core CPU (both pool threads waiting on their own batch tasks)."""
-    import subprocess
-    import sys
-
     done = subprocess.run(
         [sys.executable, "-c", _TWO_REPAIRS],
         capture_output=True,
