@@ -1,8 +1,7 @@
 """Supervised training of zoo models: how the shipped weights in ``weights/`` are made.
 
-This is the only place besides :mod:`gapruning.evaluate` that reads real data. A
-whole epoch is one jitted ``lax.scan`` over mini-batches (augmentation included), so
-the host does nothing per step.
+This is the only place besides :mod:`gapruning.evaluate` that reads real data. Each
+mini-batch is one jitted step (augmentation included).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import optax
 from flax import nnx
 
 from . import models
+from .augment import shift_flip
 from .data import Dataset
 from .progress import progress_bar
 
@@ -83,20 +83,6 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransfor
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: sgd, adamw")
 
 
-def _augment(key, x):
-    """Random shift by up to 2 pixels (zero padding) and random horizontal flip."""
-    b, h, w, _ = x.shape
-    kshift, kflip = jax.random.split(key)
-    padded = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
-    offsets = jax.random.randint(kshift, (b, 2), 0, 5)
-    crop = jax.vmap(
-        lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, x.shape[-1]))
-    )
-    x = crop(padded, offsets)
-    flip = jax.random.bernoulli(kflip, 0.5, (b, 1, 1, 1))
-    return jnp.where(flip, x[:, :, ::-1, :], x)
-
-
 def train(
     arch: str,
     train_set: Dataset,
@@ -141,7 +127,7 @@ def train(
     @jax.jit
     def step(params, rest, opt_state, key, x, y):
         if cfg.augment:
-            x = _augment(key, x)
+            x = shift_flip(key, x)
         x = (x - mean) / std
         (loss, (rest, acc)), (grads, _) = jax.value_and_grad(loss_fn, has_aux=True)(
             (params, rest), x, y

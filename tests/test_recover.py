@@ -16,6 +16,7 @@ from flax import nnx
 
 import gapruning as gp
 from gapruning import recover
+from gapruning.augment import shift_flip
 from gapruning.models import GraphBuilder
 
 pytestmark = pytest.mark.usefixtures("no_datasets")
@@ -437,6 +438,34 @@ def test_distill_with_adversarial_and_mixup_probes_lowers_held_out_kl():
         recover.distill(small, net, adversarial=-1, **kw)
     with pytest.raises(recover.RecoverError, match="mixup"):
         recover.distill(small, net, mixup=2.0, **kw)
+
+
+def test_distill_augments_image_probes_with_shifts_and_flips(monkeypatch):
+    """By default (image inputs) every step's batch goes through ``shift_flip``
+    with the box's low end as fill, which changes the trained student; flat
+    inputs are not augmented by default and refuse ``augment=True``."""
+    net = tiny_conv_bn()
+    masks = {"c1": np.array([1, 0, 1, 1, 0], bool)}
+    small = gp.compact(net, masks)
+    kw = dict(probes=gp.make_probes(net, "gaussian", 64, seed=0), steps=6)
+    calls = []
+
+    def recording(key, x, shift=2, fill=0.0):
+        calls.append((x.shape, fill))
+        return shift_flip(key, x, shift, fill)
+
+    monkeypatch.setattr(recover, "shift_flip", recording)
+    augmented = recover.distill(small, net, batch_size=16, **kw)
+    assert calls == [((16, 6, 6, 2), -1.0)]  # traced once, jitted step
+    assert augmented.card["distill"]["augment"] is True
+    plain = recover.distill(small, net, augment=False, batch_size=16, **kw)
+    assert len(calls) == 1 and plain.card["distill"]["augment"] is False
+    kernel = lambda m: np.asarray(m.model.layers["c1"].kernel[...])  # noqa: E731
+    assert not np.allclose(kernel(augmented), kernel(plain))
+    flat = recover.distill(tiny_mlp(), tiny_mlp(), steps=1)
+    assert len(calls) == 1 and flat.card["distill"]["augment"] is False
+    with pytest.raises(recover.RecoverError, match="image inputs"):
+        recover.distill(tiny_mlp(), tiny_mlp(), steps=1, augment=True)
 
 
 def test_recalibrate_batchnorm_layer_by_layer():
