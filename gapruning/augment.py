@@ -1,8 +1,8 @@
 """Label-preserving image augmentation: random shifts and horizontal flips.
 
-The transforms the shipped Fashion-MNIST models were trained with
-(:mod:`gapruning.train`), reused by :func:`gapruning.recover.distill` so that
-distillation probes vary the way the teacher's training images did.
+The transforms the shipped convnets (LeNet-5, VGG-11, ResNet-20) were trained
+with (:mod:`gapruning.train`), reused by :func:`gapruning.recover.distill` to
+vary its probes from step to step.
 """
 
 from __future__ import annotations

@@ -778,8 +778,8 @@ def distill(
             Zhang et al., 2018, on probes), before any adversarial push.
         augment: each step, every probe (an image) is shifted by up to 2 pixels
             and mirrored with probability 1/2 (:func:`gapruning.augment.shift_flip`,
-            the transforms the shipped models were trained with; vacated pixels
-            take the input box's low end, black), before mixup. ``None``: on
+            the shipped convnets' training transforms; vacated pixels take the
+            input box's low end, black), before mixup. ``None``: on
             for image inputs ``(height, width, channels)``, else off.
 
     Returns:
