@@ -15,6 +15,10 @@ import jax
 import jax.numpy as jnp
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# what benchmarks build once and reuse (virtual environments, trained models)
+CACHE = Path(
+    os.environ.get("GAPRUNING_BENCH_CACHE", Path.home() / ".cache" / "gapruning-bench")
+)
 
 
 def timeit(fn, *args, repeats: int = 5, warmup: int = 1) -> dict:

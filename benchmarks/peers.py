@@ -60,7 +60,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine  # noqa: E402
+from common import CACHE, RESULTS, machine  # noqa: E402
 
 NAME = "peers"
 TARGET_THROUGHPUT = 0.5
@@ -70,9 +70,6 @@ TEMPERATURE = 4.0
 SPEC = {"fidelity": 1.0, "fidelity_top1": 1.0}
 PAODING_VERSION = "1.0.0.post3"
 PAODING_TF = "tensorflow-cpu==2.15.1"  # paoding-dl needs tf.keras 2 (TF < 2.16)
-CACHE = Path(
-    os.environ.get("GAPRUNING_BENCH_CACHE", Path.home() / ".cache" / "gapruning-bench")
-)
 
 
 def _version(pkg: str) -> str | None:

@@ -32,8 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, write  # noqa: E402
-from peers import CACHE  # noqa: E402
+from common import CACHE, machine, write  # noqa: E402
 
 import gapruning as gp  # noqa: E402
 from gapruning.cli import main as cli  # noqa: E402
