@@ -36,6 +36,7 @@ from common import CACHE, machine, write  # noqa: E402
 
 import gapruning as gp  # noqa: E402
 from gapruning.cli import main as cli  # noqa: E402
+from gapruning.methods.profile import profile_of  # noqa: E402
 
 SOURCE = "lenet300-fmnist"
 SEARCHES = ("profile_rl", "profile_random")
@@ -116,16 +117,23 @@ def main() -> None:
         "attack_samples": args.attack_samples,
     }
     result = {"machine": machine(), "settings": settings, "rows": [], "profiles": []}
-    search = dict(generations=gens, population=args.population, seed=0, progress=False)
+    search = dict(generations=gens, population=args.population, seed=0)
     profiles_dir = CACHE / "profiles"
 
-    def add(model, level, row, pruned, seconds, masks=None):
-        entry = {"model": model.name, "target": level, "row": row, "seconds": seconds}
-        entry.update(scores(pruned, test, attack_set))
+    def run(model, level, row, strategy, record_profile=True, **options):
+        """Prunes ``model`` (timed), scores it, records the row (and the profile)."""
+        t0 = time.perf_counter()
+        found = gp.prune(model, strategy, level, progress=False, **options)
+        entry = {
+            "model": model.name,
+            "target": level,
+            "row": row,
+            "seconds": time.perf_counter() - t0,
+        }
+        entry.update(scores(found.pruned, test, attack_set))
         result["rows"].append(entry)
-        if masks is not None:
-            kept = model.space.kept(masks)
-            keep = {g.name: round(kept[g.name] / g.size, 3) for g in model.space.groups}
+        if record_profile:
+            keep = {k: round(v, 3) for k, v in profile_of(model, found.masks).items()}
             result["profiles"].append(
                 {"label": f"{row}, {model.name}, {level}", "keep": keep}
             )
@@ -138,58 +146,32 @@ def main() -> None:
 
     for level in levels:
         for name in SEARCHES:
-            path = profiles_dir / f"{name}-{level}.json"
-            t0 = time.perf_counter()
-            found = gp.prune(
-                source,
-                name,
-                level,
-                strategy_options={"save_profile": str(path)},
-                **search,
-            )
-            add(
+            path = str(profiles_dir / f"{name}-{level}.json")
+            saving = {"save_profile": path}
+            run(
                 source,
                 level,
                 f"{name} on source",
-                found.pruned,
-                time.perf_counter() - t0,
-                found.masks,
+                name,
+                strategy_options=saving,
+                **search,
             )
             for target in targets.values():
-                t0 = time.perf_counter()
-                moved = gp.prune(
-                    target,
-                    name,
-                    level,
-                    strategy_options={"profile": str(path)},
-                    progress=False,
-                )
-                add(
+                applying = {"profile": path}
+                run(
                     target,
                     level,
                     f"{name} transferred",
-                    moved.pruned,
-                    time.perf_counter() - t0,
-                    moved.masks,
+                    name,
+                    strategy_options=applying,
                 )
-                t0 = time.perf_counter()
-                own = gp.prune(target, name, level, **search)
-                add(
-                    target,
-                    level,
-                    f"{name} searched on target",
-                    own.pruned,
-                    time.perf_counter() - t0,
-                    own.masks,
-                )
+                run(target, level, f"{name} searched on target", name, **search)
         for target in targets.values():
             for label, per_group in (
                 ("L1 same share per layer", True),
                 ("L1 global", False),
             ):
-                t0 = time.perf_counter()
-                l1 = gp.prune(target, "l1", level, per_group=per_group, progress=False)
-                add(target, level, label, l1.pruned, time.perf_counter() - t0)
+                run(target, level, label, "l1", False, per_group=per_group)
 
 
 if __name__ == "__main__":

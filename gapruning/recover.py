@@ -937,7 +937,7 @@ def distill(
         "adversarial": int(adversarial),
         "adversarial_step": float(adversarial_step),
         "mixup": float(mixup),
-        "augment": bool(augment),
+        "augment": augment,
         "kl_before": before,
         "kl_after": distill_loss(student, teacher, x, temperature),
     }
