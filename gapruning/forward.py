@@ -12,6 +12,7 @@ in chunks of individuals (``jax.lax.map``) sized so memory stays bounded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .models import Mask, Net
-from .models.masked_layers import conv_op, per_channel_population
+from .models.masked_layers import conv_op, per_channel_parts, per_channel_population
 from .space import MaskError
 from .zoo import Pretrained
 
@@ -91,14 +92,19 @@ def activation_budget() -> int:
 
 def _batched_nodes(net: Net, kernel_masks: bool) -> set[str]:
     """Names of the nodes computed per individual: Dense/Conv layers reading a mask
-    (with ``kernel_masks``: every Dense/Conv layer) and everything downstream (a
-    unit mask on a shared tensor is folded into the kernel, never materialized)."""
+    (with ``kernel_masks``: every Dense/Conv layer), any other node reading a mask,
+    and everything downstream (a unit mask on a shared tensor is folded into the
+    kernel, never materialized)."""
     by_name = {n.name: n for n in net.nodes}
     batched: set[str] = set()
     for n in net.nodes:
-        if (n.op in ("dense", "conv") and (kernel_masks or _mask_read(n, by_name))) or (
-            batched & set(n.inputs)
-        ):
+        if n.op in ("dense", "conv"):
+            own = kernel_masks or _mask_read(n, by_name) is not None
+        else:
+            own = n.op not in ("mask", "flatten") and any(
+                by_name[i].op == "mask" for i in n.inputs
+            )
+        if own or batched & set(net.reads(n, by_name)):
             batched.add(n.name)
     return batched
 
@@ -109,6 +115,85 @@ def _mask_read(n, by_name):
     if src.op == "flatten":
         src = by_name[src.inputs[0]]
     return src if src.op == "mask" else None
+
+
+def per_channel_nodes(model: Pretrained | Net, individuals: int) -> tuple[str, ...]:
+    """The convolutions reading a masked input that every individual shares whose
+    per-input-channel parts :func:`split_apply` computes once for a chunk of
+    ``individuals`` (at least their input channels: see
+    :func:`~gapruning.models.masked_layers.per_channel_population`)."""
+    net = _net(model)
+    batched = _batched_nodes(net, False)
+    by_name = {n.name: n for n in net.nodes}
+    picked = []
+    for n in net.nodes:
+        if n.op != "conv" or _mask_read(n, by_name) is None:
+            continue
+        (src,) = net.reads(n, by_name)
+        fewest = per_channel_population(
+            conv_op(n.attr("strides"), n.attr("padding")),
+            net.layers[n.name].kernel[...].shape,
+        )
+        if src not in batched and fewest is not None and fewest <= individuals:
+            picked.append(n.name)
+    return tuple(picked)
+
+
+def split_apply(
+    net: Net,
+    x: jax.Array,
+    *,
+    taps: tuple[str, ...] = (),
+    probe_chunk: int | None = None,
+    per_channel: tuple[str, ...] = (),
+):
+    """One individual's masked forward pass (``net`` carries its masks) on an input
+    the whole population shares, in two phases: the mask-free nodes on all of
+    ``x`` (vmapped over individuals they stay unbatched: computed once, and inside
+    a search XLA hoists them out of the generation loop), with the per-channel
+    parts of the convolutions named in ``per_channel``; then the mask-dependent
+    nodes ``probe_chunk`` inputs at a time (``jax.lax.map``), so a population's
+    intermediates stay cache-sized. Same values as ``net(x, taps=taps)``.
+    """
+    by_name = {n.name: n for n in net.nodes}
+    batched = _batched_nodes(net, False)
+    boundary = {
+        r for n in net.nodes if n.name in batched for r in net.reads(n, by_name)
+    } - batched
+    early = tuple(t for t in taps if t not in batched)
+    shared = net.values(x, (*boundary, *early))
+    given = {k: shared[k] for k in boundary}
+    parts = {}
+    for name in per_channel:
+        n = by_name[name]
+        (src,) = net.reads(n, by_name)
+        op = conv_op(n.attr("strides"), n.attr("padding"))
+        parts[name] = per_channel_parts(op, given[src], net.layers[name].kernel[...])
+    late = tuple(t for t in taps if t in batched)
+
+    last = net.nodes[-1].name
+
+    def run(args):
+        xs, gs, ps = args
+        vals = net.values(xs, (last, *late), gs, ps)
+        return vals[last], {t: vals[t] for t in late}
+
+    b = x.shape[0]
+    if probe_chunk is None or probe_chunk >= b:
+        out, tapped = run((x, given, parts))
+    else:
+        if b % probe_chunk:
+            raise MaskError(f"{b} probes are not a multiple of chunk {probe_chunk}")
+        split = (x, given, parts)
+        chunks = jax.tree.map(
+            lambda v: v.reshape(b // probe_chunk, probe_chunk, *v.shape[1:]), split
+        )
+        out, tapped = jax.tree.map(
+            lambda v: v.reshape(b, *v.shape[2:]), jax.lax.map(run, chunks)
+        )
+    if not taps:
+        return out
+    return out, {t: tapped[t] if t in tapped else shared[t] for t in taps}
 
 
 def population_footprint(
@@ -179,6 +264,66 @@ def auto_chunk_size(
     return chunk
 
 
+# Largest population-batched tensor (bytes) of one probe chunk when per-channel
+# parts carry the work (see :func:`auto_plan`): the mix, ReLU, pooling and the next
+# layer then run on a cache-sized tile. LeNet-5, P=64, 512 probes, 2 CPU cores:
+# tiles of 8 probes (3.3 MB) were the fastest, 16 (6.6 MB) and 4 slower.
+PROBE_TILE_BYTES = {"cpu": 4 * 2**20}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a population's forward pass on a shared input is batched.
+
+    Attributes:
+        individuals: individuals evaluated together (one ``jax.lax.map`` step).
+        probe_chunk: inputs per step of :func:`split_apply` (``None``: all).
+        per_channel: convolutions whose per-channel parts are computed once.
+    """
+
+    individuals: int
+    probe_chunk: int | None = None
+    per_channel: tuple[str, ...] = ()
+
+
+def auto_plan(
+    model: Pretrained | Net,
+    population: int,
+    batch: int,
+    *,
+    chunk_size: int | str | None = "auto",
+    kernel_masks: bool = False,
+) -> Plan:
+    """The :class:`Plan` for ``population`` individuals on ``batch`` inputs.
+
+    ``chunk_size`` fixes the individuals per step (``None``: all). With
+    ``"auto"``, a network whose work is dominated by convolutions reading a
+    masked shared input (:func:`per_channel_chunk`) runs the whole population at
+    once on tiles of probes within :data:`PROBE_TILE_BYTES`; any other takes
+    :func:`auto_chunk_size` individuals and all probes at once.
+    """
+    if chunk_size == "auto":
+        if per_channel_chunk(model, kernel_masks) > 1:
+            tile = PROBE_TILE_BYTES.get(jax.default_backend(), activation_budget())
+            per_probe = population_footprint(model, 1)
+            fits = [
+                d
+                for d in range(1, batch + 1)
+                if batch % d == 0 and population * d * per_probe <= tile
+            ]
+            individuals, probe_chunk = population, max(fits, default=1)
+        else:
+            individuals = auto_chunk_size(
+                model, population, batch, kernel_masks=kernel_masks
+            )
+            probe_chunk = None
+    else:
+        individuals, probe_chunk = chunk_size or population, None
+    if kernel_masks:
+        return Plan(individuals)
+    return Plan(individuals, probe_chunk, per_channel_nodes(model, individuals))
+
+
 def population_apply(
     model: Pretrained | Net,
     masks: Mapping,
@@ -191,9 +336,10 @@ def population_apply(
 
     Args:
         chunk_size: evaluate this many individuals at a time (``jax.lax.map``) to
-            bound memory; ``"auto"`` picks it from the activation sizes (see
-            :func:`auto_chunk_size`); ``None`` evaluates all at once (structured
-            masks) or in chunks of up to 8 (unstructured kernel masks).
+            bound memory; ``"auto"`` picks it, and for structured masks how the
+            probes are tiled, from the activation sizes (see :func:`auto_plan`);
+            ``None`` evaluates all at once (structured masks) or in chunks of up
+            to 8 (unstructured kernel masks).
     """
     net = _net(model)
     kind = mask_kind(net, masks)
@@ -201,24 +347,38 @@ def population_apply(
     if len(pop) != 1:
         raise MaskError(f"mask leaves disagree on the population size: {sorted(pop)}")
     (p,) = pop
-    if chunk_size == "auto":
-        chunk_size = auto_chunk_size(net, p, x.shape[0], kernel_masks=kind == "weights")
     if kind == "units":
+        plan = auto_plan(net, p, x.shape[0], chunk_size=chunk_size)
 
-        def run(chunk):
-            return _with_unit_masks(net, chunk)(x)
+        def one(m):
+            return split_apply(
+                _with_unit_masks(net, m),
+                x,
+                probe_chunk=plan.probe_chunk,
+                per_channel=plan.per_channel,
+            )
     else:
-        chunk_size = chunk_size or min(p, 8)
+        if chunk_size == "auto":
+            chunk_size = auto_chunk_size(net, p, x.shape[0], kernel_masks=True)
+        plan = Plan(chunk_size or min(p, 8))
 
-        def run(chunk):
-            return jax.vmap(lambda m: _with_kernel_masks(net, m)(x))(chunk)
+        def one(m):
+            return _with_kernel_masks(net, m)(x)
 
-    if chunk_size is None or chunk_size >= p:
-        return run(masks)
-    if p % chunk_size:
-        raise MaskError(f"population {p} is not a multiple of chunk_size {chunk_size}")
+    return map_population(jax.vmap(one), masks, plan.individuals)
+
+
+def map_population(fn, masks: Mapping, individuals: int):
+    """``fn`` (a vmapped function of a population of masks) applied
+    ``individuals`` at a time with ``jax.lax.map``; outputs keep the leading
+    population axis."""
+    p = int(jnp.shape(next(iter(masks.values())))[0])
+    if individuals >= p:
+        return fn(masks)
+    if p % individuals:
+        raise MaskError(f"population {p} is not a multiple of chunk_size {individuals}")
     chunks = jax.tree.map(
-        lambda m: m.reshape(p // chunk_size, chunk_size, *m.shape[1:]), dict(masks)
+        lambda m: m.reshape(p // individuals, individuals, *m.shape[1:]), dict(masks)
     )
-    out = jax.lax.map(run, chunks)
-    return out.reshape(p, *out.shape[2:])
+    out = jax.lax.map(fn, chunks)
+    return jax.tree.map(lambda v: v.reshape(p, *v.shape[2:]), out)

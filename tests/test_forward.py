@@ -6,6 +6,16 @@ import reference
 
 import gapruning as gp
 from gapruning.encoding import Budget, UnitEncoding, WeightEncoding
+from gapruning.forward import (
+    PROBE_TILE_BYTES,
+    Plan,
+    _with_unit_masks,
+    auto_chunk_size,
+    auto_plan,
+    per_channel_nodes,
+    population_footprint,
+    split_apply,
+)
 from gapruning.space import MaskError
 
 
@@ -25,6 +35,102 @@ def test_population_forward_equals_a_loop_over_individuals(zoo_net, batch):
         np.testing.assert_allclose(
             out[i], gp.masked_apply(net, one, batch), rtol=1e-5, atol=1e-5
         )
+
+
+@pytest.mark.parametrize("probe_chunk", [None, 2])
+def test_split_apply_equals_the_plain_pass(zoo_net, probe_chunk):
+    """Mask-free nodes once, per-channel parts, probe tiles: the outputs and the
+    taps (one mask-free, one mask-dependent node) of every individual equal its
+    plain masked pass."""
+    _, net = zoo_net
+    x = jax.random.normal(jax.random.key(2), (4, 28, 28, 1))
+    masks = _population(gp.PruneSpace(net), 6, seed=1)
+    taps = (net.nodes[1].name, net.nodes[-2].name)
+    per_channel = per_channel_nodes(net, 6)
+
+    def one(m):
+        return split_apply(
+            _with_unit_masks(net, m),
+            x,
+            taps=taps,
+            probe_chunk=probe_chunk,
+            per_channel=per_channel,
+        )
+
+    out, tapped = jax.jit(jax.vmap(one))(masks)
+    for i in range(6):
+        want, want_taps = _with_unit_masks(net, {k: v[i] for k, v in masks.items()})(
+            x, taps=taps
+        )
+        np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-5)
+        for t in taps:
+            np.testing.assert_allclose(tapped[t][i], want_taps[t], rtol=1e-5, atol=1e-5)
+
+
+def test_per_channel_parts_are_precomputed_only_for_large_enough_populations():
+    lenet5 = gp.load("lenet5-fmnist")
+    assert per_channel_nodes(lenet5, 6) == ("conv2",)  # 6 input channels
+    assert per_channel_nodes(lenet5, 5) == ()
+    assert per_channel_nodes(gp.load("lenet300-fmnist"), 64) == ()  # no convolution
+
+
+def test_given_values_replace_their_nodes_and_what_only_they_need(batch):
+    net = gp.load("lenet5-fmnist").model
+    other = jax.random.normal(jax.random.key(5), batch.shape)
+    given = {"pool1": net.values(other, ("pool1",))["pool1"]}
+    vals = net.values(batch, ("out",), given)
+    assert "conv1" not in vals and "input" not in vals
+    np.testing.assert_allclose(vals["out"], net(other), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(net(batch, given=given), net(other), rtol=1e-5)
+
+
+def test_auto_plan():
+    """LeNet-5's second convolution (per-channel parts) carries its work: the
+    whole population runs on probe tiles within the tile budget; LeNet-300-100
+    keeps the individual chunks and all probes; explicit chunks and kernel masks
+    are taken as they are."""
+    lenet5, lenet300 = gp.load("lenet5-fmnist"), gp.load("lenet300-fmnist")
+    plan = auto_plan(lenet5, 64, 512)
+    assert (plan.individuals, plan.per_channel) == (64, ("conv2",))
+    tile = 64 * population_footprint(lenet5, 1)
+    assert (
+        plan.probe_chunk * tile <= PROBE_TILE_BYTES["cpu"] < 2 * plan.probe_chunk * tile
+    )
+    assert 512 % plan.probe_chunk == 0
+    assert auto_plan(lenet5, 64, 512, chunk_size=2) == Plan(2)
+    assert auto_plan(lenet5, 64, 512, chunk_size=None) == Plan(64, None, ("conv2",))
+    assert auto_plan(lenet5, 64, 512, kernel_masks=True) == Plan(
+        auto_chunk_size(lenet5, 64, 512, kernel_masks=True)
+    )
+    assert auto_plan(lenet300, 64, 512) == Plan(auto_chunk_size(lenet300, 64, 512))
+
+
+def test_fitness_on_probe_tiles_equals_plain_passes(monkeypatch):
+    """The fitness's own probes take the split pass (tiles of 16 probes here); a
+    chunk of 1 individual (no per-channel parts) and the one-individual
+    ``single`` take plain passes: same values."""
+    net = gp.load("lenet5-fmnist")
+    tile = 8 * 16 * population_footprint(net, 1)
+    monkeypatch.setitem(PROBE_TILE_BYTES, "cpu", tile)
+    calls = []
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs["probe_chunk"])
+        return split_apply(*args, **kwargs)
+
+    monkeypatch.setattr(gp.fitness.base, "split_apply", recorded)
+    spec = {"fidelity": 1.0, "fidelity_top1": 1.0, "fidelity_mse": 1.0}
+    tiled = gp.fitness.compose(net, spec, probes="gaussian", num_probes=64)
+    plain = gp.fitness.compose(
+        net, spec, probes="gaussian", num_probes=64, chunk_size=1
+    )
+    masks = _population(net.space, 8, seed=4)
+    assert tiled._plan(masks) == Plan(8, 16, ("conv2",))
+    scores = tiled(masks)
+    assert calls == [16]  # traced once; the terms share one split pass
+    np.testing.assert_allclose(scores, plain(masks), rtol=1e-4, atol=1e-5)
+    one = {k: v[3] for k, v in masks.items()}
+    np.testing.assert_allclose(tiled(masks)[3], plain.single(one), rtol=1e-4)
 
 
 def test_chunked_population_equals_unchunked(batch):

@@ -22,7 +22,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..forward import _with_kernel_masks, _with_unit_masks, mask_kind
+from ..forward import (
+    Plan,
+    _with_kernel_masks,
+    _with_unit_masks,
+    mask_kind,
+    split_apply,
+)
 from ..models import Net
 from ..zoo import Pretrained
 
@@ -40,11 +46,25 @@ class PrunedApply:
         share: compute each forward pass (same masks, inputs and taps) once and
             hand the same result to every caller; :class:`Fitness` uses one such
             view per individual, so its terms never repeat a forward pass.
+        shared_input: an input every individual of the population shares (the
+            fitness's probes): passes on it (that very array) run
+            :func:`~gapruning.forward.split_apply` as ``plan`` says, so their
+            mask-free work is done once for the whole population.
+        plan: a :class:`~gapruning.forward.Plan` (``None``: plain passes).
     """
 
-    def __init__(self, net: Net, *, share: bool = False):
+    def __init__(
+        self,
+        net: Net,
+        *,
+        share: bool = False,
+        shared_input: jax.Array | None = None,
+        plan: Plan | None = None,
+    ):
         self.net = net
         self._shared: dict | None = {} if share else None
+        self._shared_input = shared_input
+        self._plan = plan
 
     def _once(self, masks, x, names, compute):
         if self._shared is None:
@@ -61,14 +81,31 @@ class PrunedApply:
             return _with_unit_masks(self.net, masks)
         return _with_kernel_masks(self.net, masks)
 
+    def _forward(self, masks, x, names):
+        model = self.model(masks)
+        split = (
+            self._plan is not None
+            and x is self._shared_input
+            and mask_kind(self.net, masks) == "units"
+        )
+        if not split:
+            return model(x, taps=names)
+        return split_apply(
+            model,
+            x,
+            taps=names,
+            probe_chunk=self._plan.probe_chunk,
+            per_channel=self._plan.per_channel,
+        )
+
     def __call__(self, masks: Mapping, x: jax.Array) -> jax.Array:
         """Outputs ``(B, classes)`` of the masked network on ``x``."""
-        return self._once(masks, x, None, lambda: self.model(masks)(x))
+        return self._once(masks, x, None, lambda: self._forward(masks, x, ()))
 
     def taps(self, masks: Mapping, x: jax.Array, names: tuple[str, ...]):
         """``(outputs, {name: tensor})`` of the masked network on ``x``."""
         names = tuple(names)
-        return self._once(masks, x, names, lambda: self.model(masks)(x, taps=names))
+        return self._once(masks, x, names, lambda: self._forward(masks, x, names))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..encoding import Budget, UnitEncoding
-from ..forward import auto_chunk_size, mask_kind
+from ..forward import Plan, auto_plan, map_population, mask_kind
 from ..probes import batchnorm_nodes, make_probes, validate_probes
 from ..space import MaskError
 from ..zoo import Pretrained
@@ -161,9 +161,14 @@ class Fitness:
         new._batched_components = jax.jit(new._batch_components)
         return new
 
-    def _pruned_apply(self, masks) -> PrunedApply:
-        net = self.pretrained.model if self.repair is None else self.repair(masks)
-        return PrunedApply(net, share=True)
+    def _pruned_apply(self, masks, plan: Plan | None, probes) -> PrunedApply:
+        """The forward passes of one individual; ``probes``: the probes as the
+        metrics receive them (every individual shares them)."""
+        if self.repair is not None:  # weights per individual: nothing is shared
+            return PrunedApply(self.repair(masks), share=True)
+        return PrunedApply(
+            self.pretrained.model, share=True, shared_input=probes, plan=plan
+        )
 
     def _calibrate(self, seed: int) -> dict[str, float]:
         """Mean of each term over random masks removing half the units."""
@@ -200,9 +205,10 @@ class Fitness:
             for (term, _, fn), cache in zip(self._fns, caches, strict=True)
         }
 
-    def _components(self, masks) -> dict[str, jax.Array]:
-        apply = self._pruned_apply(masks)
-        return self._values(masks, apply, self._consts())
+    def _components(self, masks, plan: Plan | None = None) -> dict[str, jax.Array]:
+        consts = self._consts()
+        apply = self._pruned_apply(masks, plan, consts[0])
+        return self._values(masks, apply, consts)
 
     def _term(self, value: jax.Array, scale: float) -> jax.Array:
         """One term's contribution before its weight (see the module doc)."""
@@ -211,12 +217,13 @@ class Fitness:
         z = value / (LOG_FLOOR * scale)
         return jnp.sign(z) * jnp.log1p(jnp.abs(z))
 
-    def single(self, masks: Mapping) -> jax.Array:
-        """The fitness of one individual (masks without a population axis)."""
+    def single(self, masks: Mapping, plan: Plan | None = None) -> jax.Array:
+        """The fitness of one individual (masks without a population axis);
+        ``plan``: how the population it is vmapped over is batched."""
         # the terms and the finiteness check share each forward pass (XLA's CSE
         # did not merge them inside the engine's scan)
-        apply = self._pruned_apply(masks)
         consts = self._consts()
+        apply = self._pruned_apply(masks, plan, consts[0])
         values = self._values(masks, apply, consts)
         total = sum(
             (
@@ -257,26 +264,21 @@ class Fitness:
             raise MaskError(f"mask leaves disagree on the population size: {sizes}")
         return {k: jnp.asarray(v).astype(jnp.float32) for k, v in masks.items()}
 
-    def _chunk(self, masks) -> int | None:
-        if self.chunk_size != "auto":
-            return self.chunk_size
+    def _plan(self, masks) -> Plan:
         p = next(iter(masks.values())).shape[0]
         batch = 1 if self.probes is None else len(self.probes)
         kernel_masks = mask_kind(self.pretrained.model, masks) == "weights"
-        return auto_chunk_size(self.pretrained, p, batch, kernel_masks=kernel_masks)
+        return auto_plan(
+            self.pretrained,
+            p,
+            batch,
+            chunk_size=self.chunk_size,
+            kernel_masks=kernel_masks,
+        )
 
     def _map(self, fn, masks):
-        p = next(iter(masks.values())).shape[0]
-        chunk = self._chunk(masks)
-        if chunk is None or chunk >= p:
-            return jax.vmap(fn)(masks)
-        if p % chunk:
-            raise MaskError(f"population {p} is not a multiple of chunk_size {chunk}")
-        chunks = jax.tree.map(
-            lambda m: m.reshape(p // chunk, chunk, *m.shape[1:]), masks
-        )
-        out = jax.lax.map(jax.vmap(fn), chunks)
-        return jax.tree.map(lambda v: v.reshape(p, *v.shape[2:]), out)
+        plan = self._plan(masks)
+        return map_population(jax.vmap(lambda m: fn(m, plan)), masks, plan.individuals)
 
     def _batch(self, masks):
         return self._map(self.single, masks)

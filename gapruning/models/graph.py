@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .masked_layers import conv_op, dense_op, masked_contraction
+from .masked_layers import conv_op, dense_op, masked_contraction, mix_parts
 
 # Ops that keep the channel (last) axis as it is, unit for unit.
 CHANNELWISE = frozenset(
@@ -458,6 +458,8 @@ class Net(nnx.Module):
         *,
         keep_population_axis: bool = False,
         taps: tuple[str, ...] = (),
+        given: dict[str, jax.Array] | None = None,
+        parts: dict[str, jax.Array] | None = None,
     ) -> jax.Array:
         """Forward pass on a batch ``x`` of shape ``(B, *input_shape)``.
 
@@ -469,6 +471,12 @@ class Net(nnx.Module):
         ``(P, B, *node.shape)`` with population masks (or ``keep_population_axis``).
         The outputs are the same as without taps. Data-free probes and fitness
         metrics use it to read BatchNorm inputs and feature maps.
+
+        ``given`` (node name -> value on ``x``) and ``parts`` (Conv node name ->
+        its per-input-channel contributions, see
+        :func:`~gapruning.models.masked_layers.per_channel_parts`) are work done
+        beforehand (:func:`gapruning.forward.split_apply`): those nodes are not
+        computed, nor what only they need.
         """
         if x.shape[1:] != self.input_shape:
             raise ValueError(
@@ -481,11 +489,60 @@ class Net(nnx.Module):
         pop = self.population_size()
         if pop is not None:
             graphdef, masks, rest = nnx.split(self, Mask, ...)
-            return jax.vmap(lambda m: nnx.merge(graphdef, m, rest)(x, taps=taps))(masks)
-        vals: dict[str, jax.Array] = {}
+            return jax.vmap(
+                lambda m: nnx.merge(graphdef, m, rest)(
+                    x, taps=taps, given=given, parts=parts
+                )
+            )(masks)
+        vals = self.values(x, (self.nodes[-1].name, *taps), given, parts)
+        out = vals[self.nodes[-1].name]
+        if keep_population_axis:
+            out = out[None]
+        if not taps:
+            return out
+        tapped = {t: vals[t][None] if keep_population_axis else vals[t] for t in taps}
+        return out, tapped
+
+    def reads(self, n: Node, by_name: dict[str, Node]) -> tuple[str, ...]:
+        """The nodes whose values computing ``n`` reads: a Dense/Conv layer reading
+        a mask (directly or through a flatten) reads the mask's input, the mask
+        itself being folded into the contraction."""
+        if n.op in PRODUCERS:
+            src = by_name[n.inputs[0]]
+            if src.op == "flatten" and by_name[src.inputs[0]].op == "mask":
+                src = by_name[src.inputs[0]]
+            if src.op == "mask":
+                return (src.inputs[0],)
+        return n.inputs
+
+    def values(
+        self,
+        x: jax.Array,
+        targets: tuple[str, ...],
+        given: dict[str, jax.Array] | None = None,
+        parts: dict[str, jax.Array] | None = None,
+    ) -> dict[str, jax.Array]:
+        """Values of the nodes ``targets`` need (one individual's masks), computing
+        only those; ``given`` and ``parts`` as in :meth:`__call__`."""
+        given, parts = dict(given or {}), dict(parts or {})
         by_name = {n.name: n for n in self.nodes}
+        needed, stack = set(), list(targets)
+        while stack:
+            name = stack.pop()
+            if name in needed:
+                continue
+            needed.add(name)
+            if name not in given and name not in parts:
+                stack.extend(self.reads(by_name[name], by_name))
+        vals: dict[str, jax.Array] = {}
         for n in self.nodes:
-            if n.op == "input":
+            if n.name not in needed:
+                continue
+            if n.name in given:
+                y = given[n.name]
+            elif n.name in parts:
+                y = self._linear(n, vals, by_name, parts[n.name])
+            elif n.op == "input":
                 y = x
             elif n.op == "mask":
                 y = vals[n.inputs[0]] * self.masks[n.attr("group")][...].astype(x.dtype)
@@ -496,44 +553,46 @@ class Net(nnx.Module):
             else:
                 y = self._apply(n, vals[n.inputs[0]])
             vals[n.name] = y
-        out = vals[self.nodes[-1].name]
-        if keep_population_axis:
-            out = out[None]
-        if not taps:
-            return out
-        tapped = {t: vals[t][None] if keep_population_axis else vals[t] for t in taps}
-        return out, tapped
+        return vals
 
     def _masked_input(
         self, node: Node, vals, by_name
-    ) -> tuple[jax.Array, jax.Array | None]:
-        """The unmasked input of a Dense/Conv ``node`` and the mask over its input
-        features, when it reads a mask (directly, or through a flatten)."""
+    ) -> tuple[jax.Array | None, jax.Array | None]:
+        """The unmasked input of a Dense/Conv ``node`` (``None`` if not computed)
+        and the mask over its input features, when it reads a mask (directly, or
+        through a flatten)."""
         src = by_name[node.inputs[0]]
         flatten = src.op == "flatten" and by_name[src.inputs[0]].op == "mask"
         if flatten:
             src = by_name[src.inputs[0]]
         if src.op != "mask":
             return vals[node.inputs[0]], None
-        x = vals[src.inputs[0]]
-        mask = self.masks[src.attr("group")][...].astype(x.dtype)
+        x = vals.get(src.inputs[0])
+        mask = self.masks[src.attr("group")][...].astype(jnp.float32)
         if flatten:
-            x = x.reshape(x.shape[0], -1)
+            x = None if x is None else x.reshape(x.shape[0], -1)
             mask = jnp.tile(mask, math.prod(src.shape[:-1]))
         return x, mask
 
-    def _linear(self, n: Node, vals, by_name) -> jax.Array:
+    def _linear(self, n: Node, vals, by_name, parts=None) -> jax.Array:
         """A Dense or Conv node; a masked input is handled by
-        :func:`~gapruning.models.masked_layers.masked_contraction`."""
+        :func:`~gapruning.models.masked_layers.masked_contraction`, or mixes the
+        node's precomputed per-channel ``parts``."""
         layer = self.layers[n.name]
-        op = (
-            dense_op
-            if n.op == "dense"
-            else conv_op(n.attr("strides"), n.attr("padding"))
-        )
         x, mask = self._masked_input(n, vals, by_name)
-        kernel = layer.kernel[...]
-        y = op(x, kernel) if mask is None else masked_contraction(op, x, mask, kernel)
+        if parts is not None:
+            y = mix_parts(parts, mask.astype(parts.dtype))
+        else:
+            op = (
+                dense_op
+                if n.op == "dense"
+                else conv_op(n.attr("strides"), n.attr("padding"))
+            )
+            kernel = layer.kernel[...]
+            if mask is None:
+                y = op(x, kernel)
+            else:
+                y = masked_contraction(op, x, mask.astype(x.dtype), kernel)
         return y if layer.bias is None else y + layer.bias[...]
 
     def _apply(self, n: Node, x: jax.Array) -> jax.Array:

@@ -153,15 +153,26 @@ def _per_channel_pays(op, kernel, population: int) -> bool:
     return fewest is not None and fewest <= population
 
 
-def _per_channel_sums(op: ConvOp, x, masks, kernel):
-    """``(P, *op(x, kernel).shape)`` as ``sum_c masks[:, c] * conv(x_c, W_c)``: the
-    per-input-channel convolutions of the shared ``x`` once (a grouped convolution),
-    then each individual's mask-weighted sum of them."""
+def per_channel_parts(op: ConvOp, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``(*op(x, kernel).shape[:-1], C_in, C_out)``: the convolution of each input
+    channel of ``x`` with its slice of ``kernel`` (one grouped convolution); their
+    sum over ``C_in`` is ``op(x, kernel)``."""
     cin, cout = kernel.shape[-2:]
     grouped = kernel.reshape(*kernel.shape[:-2], 1, cin * cout)  # group c: W[.., c, :]
     parts = op(x, grouped, groups=cin)
-    parts = parts.reshape(*parts.shape[:-1], cin, cout)
-    weights = masks.astype(parts.dtype).reshape(
-        masks.shape[0], *([1] * (parts.ndim - 2)), cin, 1
-    )
-    return jnp.sum(weights * parts[None], axis=-2)
+    return parts.reshape(*parts.shape[:-1], cin, cout)
+
+
+def mix_parts(parts: jax.Array, mask: jax.Array) -> jax.Array:
+    """One individual's masked convolution from :func:`per_channel_parts`:
+    ``sum_c mask[c] * parts[..., c, :]``, a contraction (vmapped over a population
+    it is one matrix product with the ``(P, C_in)`` masks)."""
+    return jnp.einsum("c,...co->...o", mask, parts)
+
+
+def _per_channel_sums(op: ConvOp, x, masks, kernel):
+    """``(P, *op(x, kernel).shape)`` as ``sum_c masks[:, c] * conv(x_c, W_c)``: the
+    per-input-channel convolutions of the shared ``x`` once, then each
+    individual's mask-weighted sum of them."""
+    parts = per_channel_parts(op, x, kernel)
+    return jax.vmap(mix_parts, in_axes=(None, 0))(parts, masks.astype(parts.dtype))
