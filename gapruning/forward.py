@@ -4,10 +4,14 @@ Structured masks (group name -> units) act on activations: the weights stay
 unbatched and shared, the one-individual pass is vmapped over the population (a
 batched activation is folded into the batch axis of each layer, a mask on a tensor
 every individual shares is folded into stacked kernels; see
-:mod:`~gapruning.models.masked_layers`), and everything before the first masked
-layer is computed once for the whole population. Unstructured masks (layer name ->
-kernel-shaped) mask the kernels of each individual. Either way the population runs
-in chunks of individuals (``jax.lax.map``) sized so memory stays bounded.
+:mod:`~gapruning.models.masked_layers`). On an input the population shares (the
+fitness's probes), :func:`split_apply` computes the mask-free nodes once (and the
+per-input-channel parts of convolutions whose masked input is shared), then the
+mask-dependent nodes on tiles of probes small enough to stay in cache.
+Unstructured masks (layer name -> kernel-shaped) mask the kernels of each
+individual. Either way the population runs in chunks of individuals
+(``jax.lax.map``) sized so memory stays bounded; :func:`auto_plan` picks the
+chunks and tiles.
 """
 
 from __future__ import annotations

@@ -13,15 +13,16 @@ shared input. On a 2-core CPU this made LeNet-300-100's population forward at P=
 A convolution with a ``k x k`` window has a cheaper form still when the population
 is at least as large as its input channels: ``conv(x * m, W) = sum_c m_c conv(x_c,
 W_c)``, so the ``C_in`` per-channel convolutions of the shared input are computed
-once (one grouped convolution, ``k^2 C_in C_out`` multiply-adds per pixel) and each
-individual only mixes them with its mask (``C_in C_out`` per pixel) instead of
-running the whole convolution (``k^2 C_in C_out``): ``k^2`` times fewer operations
-per individual, with an intermediate no larger than the stacked output. For
-LeNet-5's second convolution (6 -> 16 channels, 5x5) at P=64 on 512 probes this
-halved a KL + top-1 fitness evaluation on 2 CPU cores (0.34-0.45 s -> 0.15-0.19 s
-per population, interleaved runs); the mix is written as a broadcast
-multiply-and-sum, which XLA fused with the following ReLU and max-pool (a
-``(P, C_in) x (C_in, ...)`` einsum measured 10-20% slower there).
+once (:func:`per_channel_parts`, one grouped convolution, ``k^2 C_in C_out``
+multiply-adds per pixel) and each individual only mixes them with its mask
+(:func:`mix_parts`, ``C_in C_out`` per pixel) instead of running the whole
+convolution: ``k^2`` times fewer operations per individual. For LeNet-5's second
+convolution (6 -> 16 channels, 5x5) at P=64 on 512 probes this halved a KL + top-1
+fitness evaluation on 2 CPU cores. The mix is one matrix product with the
+``(P, C_in)`` masks as its left operand, so its output comes out population-major;
+with the masks on the right, XLA transposed the ``(pixels, P)`` product, which took
+as long as the rest of the network. :func:`gapruning.forward.split_apply` computes
+the parts once per population and mixes them on cache-sized tiles of probes.
 
 The choice needs to know which arguments are batched, which only a batching rule
 sees: :func:`masked_contraction` is a ``jax.custom_batching.custom_vmap`` function
