@@ -31,7 +31,7 @@ from common import (  # noqa: E402
 
 import gapruning as gp  # noqa: E402
 from gapruning.encoding import Budget, UnitEncoding  # noqa: E402
-from gapruning.forward import auto_chunk_size  # noqa: E402
+from gapruning.forward import auto_plan  # noqa: E402
 
 
 def model(name: str) -> gp.Pretrained:
@@ -56,10 +56,12 @@ def bench_population(net, pops, num_probes, repeats):
         t_loop = timeit(lambda one=one: [single(m, x) for m in one], repeats=repeats)
         # FLOPs the P individuals represent (each a full masked forward pass)
         flops = 2 * net.space.dense_flops * num_probes * p
+        steps = auto_plan(net, p, num_probes)
         rows.append(
             {
                 "P": p,
-                "chunk": auto_chunk_size(net, p, num_probes),
+                "chunk": steps.individuals,
+                "probe_chunk": steps.probe_chunk or num_probes,
                 "vmapped_s": t_vmap["median_s"],
                 "loop_s": t_loop["median_s"],
                 "speedup": t_loop["median_s"] / t_vmap["median_s"],
@@ -127,8 +129,8 @@ def main():
         f"{matmul / 1e9:.1f} GFLOP/s; {num_probes} probes; median of {repeats}. "
         "GFLOP/s counts the FLOPs the P masked networks represent; layers before "
         "the first mask run once for the whole population, so dense nets can "
-        "exceed the matmul rate. chunk: individuals evaluated together "
-        "(auto_chunk_size); loop: the same jitted single-individual pass called P "
+        "exceed the matmul rate. chunk: individuals x probes evaluated together "
+        "(auto_plan); loop: the same jitted single-individual pass called P "
         "times.",
         "",
         "| model | P | chunk | population pass (s) | loop of P (s) | speed-up | "
@@ -138,7 +140,8 @@ def main():
     for name, r in results["models"].items():
         for row in r["population"]:
             lines.append(
-                f"| {name} | {row['P']} | {row['chunk']} | {row['vmapped_s']:.4f} | "
+                f"| {name} | {row['P']} | {row['chunk']} x {row['probe_chunk']} | "
+                f"{row['vmapped_s']:.4f} | "
                 f"{row['loop_s']:.4f} | "
                 f"{row['speedup']:.2f}x | {row['flop_per_s'] / 1e9:.1f} | "
                 f"{row['flop_per_s'] / matmul:.0%} |"
