@@ -259,13 +259,19 @@ def auto_chunk_size(
     divisor of at least :func:`per_channel_chunk` individuals."""
     budget = activation_budget() if budget is None else budget
     footprint = population_footprint(model, batch, kernel_masks)
-    limit = max(1, budget // max(footprint, 1))
-    divisors = [d for d in range(1, population + 1) if population % d == 0]
-    chunk = max(d for d in divisors if d <= limit)
+    chunk = _largest_divisor(population, budget // max(footprint, 1))
     floor = per_channel_chunk(model, kernel_masks)
-    if chunk < floor:
-        chunk = min(d for d in divisors if d >= min(floor, population))
-    return chunk
+    return max(chunk, _smallest_divisor(population, floor))
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` not above ``limit`` (at least 1)."""
+    return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(limit, 1))
+
+
+def _smallest_divisor(n: int, floor: int) -> int:
+    """The smallest divisor of ``n`` not below ``floor`` (``n`` at most)."""
+    return min(d for d in range(1, n + 1) if n % d == 0 and d >= min(floor, n))
 
 
 # Largest population-batched tensor (bytes) of one probe chunk when per-channel
@@ -307,15 +313,16 @@ def auto_plan(
     :func:`auto_chunk_size` individuals and all probes at once.
     """
     if chunk_size == "auto":
-        if per_channel_chunk(model, kernel_masks) > 1:
+        floor = per_channel_chunk(model, kernel_masks)
+        if floor > 1:
             tile = PROBE_TILE_BYTES.get(jax.default_backend(), activation_budget())
             per_probe = population_footprint(model, 1)
-            fits = [
-                d
-                for d in range(1, batch + 1)
-                if batch % d == 0 and population * d * per_probe <= tile
-            ]
-            individuals, probe_chunk = population, max(fits, default=1)
+            # the whole population, unless even one probe of it overflows the tile
+            individuals = max(
+                _largest_divisor(population, tile // per_probe),
+                _smallest_divisor(population, floor),
+            )
+            probe_chunk = _largest_divisor(batch, tile // (individuals * per_probe))
         else:
             individuals = auto_chunk_size(
                 model, population, batch, kernel_masks=kernel_masks

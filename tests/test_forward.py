@@ -97,6 +97,11 @@ def test_auto_plan():
         plan.probe_chunk * tile <= PROBE_TILE_BYTES["cpu"] < 2 * plan.probe_chunk * tile
     )
     assert 512 % plan.probe_chunk == 0
+    huge = auto_plan(lenet5, 1024, 512)  # even one probe of it overflows the tile
+    assert huge.probe_chunk == 1 and 1024 % huge.individuals == 0
+    one_probe = population_footprint(lenet5, 1)
+    assert huge.individuals * one_probe <= PROBE_TILE_BYTES["cpu"]
+    assert 2 * huge.individuals * one_probe > PROBE_TILE_BYTES["cpu"]
     assert auto_plan(lenet5, 64, 512, chunk_size=2) == Plan(2)
     assert auto_plan(lenet5, 64, 512, chunk_size=None) == Plan(64, None, ("conv2",))
     assert auto_plan(lenet5, 64, 512, kernel_masks=True) == Plan(
