@@ -66,3 +66,26 @@ def test_auto_chunks_are_large_enough_for_the_per_channel_route(model, floor):
     assert auto_chunk_size(net, 64, 512, budget=tight) == (8 if floor == 6 else 1)
     assert auto_chunk_size(net, 4, 512, budget=tight) == (4 if floor == 6 else 1)
     assert auto_chunk_size(net, 64, 512, budget=64 * tight) == 64
+
+
+@pytest.mark.parametrize(
+    "size, window, stride, padding",
+    [
+        (28, 3, 1, "SAME"),
+        (28, 3, 2, "SAME"),
+        (27, 3, 2, "SAME"),
+        (14, 5, 1, "VALID"),
+        (15, 5, 2, "VALID"),  # the last input rows are never read
+        (28, 1, 2, "SAME"),
+        (10, 4, 3, ((2, 1), (1, 2))),
+    ],
+)
+def test_conv_transpose_equals_the_vjp(size, window, stride, padding):
+    op = masked_layers.conv_op((stride, stride), padding)
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    kernel = jax.random.normal(jax.random.key(1), (window, window, 3, 4))
+    y, vjp = jax.vjp(lambda v: op(v, kernel), x)
+    ct = jax.random.normal(jax.random.key(2), y.shape)
+    np.testing.assert_allclose(
+        op.transpose(ct, kernel, (size, size)), vjp(ct)[0], rtol=1e-5, atol=1e-5
+    )
