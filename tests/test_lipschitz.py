@@ -30,8 +30,9 @@ def test_lipschitz_on_dense_layers_equals_the_svd_reference():
             w = np.asarray(layers[name].kernel[...], np.float64)
             masked = m_in[:, None] * w * m_out[None, :]
             want += np.log(np.linalg.norm(w, 2)) - np.log(np.linalg.norm(masked, 2))
-        # 20 warm-started power iterations per layer: within 0.5%
-        np.testing.assert_allclose(got[i], want, rtol=5e-3)
+        # 20 warm-started power iterations per layer underestimate each masked
+        # sigma a little, never overestimate it: within 2%, from above
+        assert want - 1e-4 <= got[i] <= want * 1.02
 
 
 def test_power_iteration_on_a_strided_conv_operator_equals_the_svd():
