@@ -1005,60 +1005,6 @@ def render(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_section(payload: dict) -> str:
-    """The compact README section (tables and plot) drawn from the JSON."""
-    th, q = payload["throughput"], payload["quality"]
-    m = th["machine"]
-    v = th["versions"]
-    out = [
-        "## Next to the tools you would otherwise use",
-        "",
-        f"`gapruning bench peers` ([benchmarks/peers.py](benchmarks/peers.py)) runs "
-        "the same genetic search (P=64, 512 shared inversion probes, KL + top-1 "
-        "fitness, 50% of units) in gapruning, in the per-individual PyTorch loop of "
-        "the original GA-pruning code, in PyGAD and in DEAP, and compares pruned "
-        "networks with paoding-dl and Torch-Pruning (no fine-tuning). Measured "
-        f"{m['date']} on {m['cores']} shared CPU cores ({m['cpu']}, load average "
-        f"{m['load_average_at_start']:.1f} at start: noisy), jax {m['jax']}, torch "
-        f"{v['torch']}, pygad {v['pygad']}, deap {v['deap']}, torch-pruning "
-        f"{q['versions'].get('torch-pruning')}, paoding-dl {PAODING_VERSION}; "
-        "full tables and every choice in "
-        "[benchmarks/results/peers.md](benchmarks/results/peers.md).",
-        "",
-        "| fitness evaluations/s (median) | "
-        + " | ".join(r["model"] for r in th["rows"])
-        + " |",
-        "| --- |" + " ---: |" * len(th["rows"]),
-    ]
-    for tool in th["rows"][0]["tools"]:
-        cells = [
-            f"{r['tools'][tool]['evals_per_second']:.0f} "
-            f"({r['speedup_vs_torch_loop'][tool]:.1f}x)"
-            for r in th["rows"]
-        ]
-        out.append(f"| {tool} | " + " | ".join(cells) + " |")
-    out += [
-        "",
-        "| model | removed | method | accuracy | FGSM 0.05 |",
-        "| --- | ---: | --- | ---: | ---: |",
-    ]
-    for r in q["rows"]:
-        if "error" in r:
-            out.append(
-                f"| {r['model']} | {r['target']:.0%} | {r['method']} | failed | |"
-            )
-            continue
-        rem = (
-            f"{r['removed_units']}/{r['hidden_units']}" if "removed_units" in r else "0"
-        )
-        out.append(
-            f"| {r['model']} | {rem} | {r['method']} | {r['accuracy']:.3f} | "
-            f"{r['fgsm_0.05']:.3f} |"
-        )
-    out += ["", "![peers](benchmarks/results/peers.png)", ""]
-    return "\n".join(out)
-
-
 def plot(payload: dict) -> None:
     import matplotlib
 
