@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .models import Mask, Net
+from .models.graph import mask_read
 from .models.masked_layers import conv_op, per_channel_parts, per_channel_population
 from .space import MaskError
 from .zoo import Pretrained
@@ -103,7 +104,7 @@ def _batched_nodes(net: Net, kernel_masks: bool) -> set[str]:
     batched: set[str] = set()
     for n in net.nodes:
         if n.op in ("dense", "conv"):
-            own = kernel_masks or _mask_read(n, by_name) is not None
+            own = kernel_masks or mask_read(n, by_name) is not None
         else:
             own = n.op not in ("mask", "flatten") and any(
                 by_name[i].op == "mask" for i in n.inputs
@@ -111,14 +112,6 @@ def _batched_nodes(net: Net, kernel_masks: bool) -> set[str]:
         if own or batched & set(net.reads(n, by_name)):
             batched.add(n.name)
     return batched
-
-
-def _mask_read(n, by_name):
-    """The mask node a Dense/Conv ``n`` reads (directly or through a flatten)."""
-    src = by_name[n.inputs[0]]
-    if src.op == "flatten":
-        src = by_name[src.inputs[0]]
-    return src if src.op == "mask" else None
 
 
 def per_channel_nodes(model: Pretrained | Net, individuals: int) -> tuple[str, ...]:
@@ -131,7 +124,7 @@ def per_channel_nodes(model: Pretrained | Net, individuals: int) -> tuple[str, .
     by_name = {n.name: n for n in net.nodes}
     picked = []
     for n in net.nodes:
-        if n.op != "conv" or _mask_read(n, by_name) is None:
+        if n.op != "conv" or mask_read(n, by_name) is None:
             continue
         (src,) = net.reads(n, by_name)
         fewest = per_channel_population(
@@ -182,19 +175,9 @@ def split_apply(
         vals = net.values(xs, (last, *late), gs, ps)
         return vals[last], {t: vals[t] for t in late}
 
-    b = x.shape[0]
-    if probe_chunk is None or probe_chunk >= b:
-        out, tapped = run((x, given, parts))
-    else:
-        if b % probe_chunk:
-            raise MaskError(f"{b} probes are not a multiple of chunk {probe_chunk}")
-        split = (x, given, parts)
-        chunks = jax.tree.map(
-            lambda v: v.reshape(b // probe_chunk, probe_chunk, *v.shape[1:]), split
-        )
-        out, tapped = jax.tree.map(
-            lambda v: v.reshape(b, *v.shape[2:]), jax.lax.map(run, chunks)
-        )
+    out, tapped = map_chunks(
+        run, (x, given, parts), probe_chunk or x.shape[0], what="probe count"
+    )
     if not taps:
         return out
     return out, {t: tapped[t] if t in tapped else shared[t] for t in taps}
@@ -235,7 +218,7 @@ def per_channel_chunk(model: Pretrained | Net, kernel_masks: bool = False) -> in
         kernel = net.layers[n.name].kernel[...].shape
         work = math.prod(n.shape) * math.prod(kernel[:-1])
         macs += work
-        mask = _mask_read(n, by_name)
+        mask = mask_read(n, by_name)
         if mask is None or mask.inputs[0] in batched or n.op != "conv":
             continue
         fewest = per_channel_population(
@@ -376,20 +359,18 @@ def population_apply(
         def one(m):
             return _with_kernel_masks(net, m)(x)
 
-    return map_population(jax.vmap(one), masks, plan.individuals)
+    return map_chunks(jax.vmap(one), dict(masks), plan.individuals)
 
 
-def map_population(fn, masks: Mapping, individuals: int):
-    """``fn`` (a vmapped function of a population of masks) applied
-    ``individuals`` at a time with ``jax.lax.map``; outputs keep the leading
-    population axis."""
-    p = int(jnp.shape(next(iter(masks.values())))[0])
-    if individuals >= p:
-        return fn(masks)
-    if p % individuals:
-        raise MaskError(f"population {p} is not a multiple of chunk_size {individuals}")
-    chunks = jax.tree.map(
-        lambda m: m.reshape(p // individuals, individuals, *m.shape[1:]), dict(masks)
-    )
+def map_chunks(fn, tree, size: int, what: str = "population"):
+    """``fn`` on ``size`` entries at a time of the leading axis every leaf of
+    ``tree`` shares (``jax.lax.map``), the outputs joined back along it; ``fn``
+    on all of them when ``size`` covers the axis."""
+    n = int(jnp.shape(jax.tree.leaves(tree)[0])[0])
+    if size >= n:
+        return fn(tree)
+    if n % size:
+        raise MaskError(f"{what} {n} is not a multiple of chunk_size {size}")
+    chunks = jax.tree.map(lambda v: v.reshape(n // size, size, *v.shape[1:]), tree)
     out = jax.lax.map(fn, chunks)
-    return jax.tree.map(lambda v: v.reshape(p, *v.shape[2:]), out)
+    return jax.tree.map(lambda v: v.reshape(n, *v.shape[2:]), out)

@@ -36,17 +36,17 @@ def test_lipschitz_on_dense_layers_equals_the_svd_reference():
 
 
 def test_power_iteration_on_a_strided_conv_operator_equals_the_svd():
-    """The conv operator (masks on both sides) and its written-out adjoint: the
-    power iteration finds the largest singular value of the explicit matrix."""
+    """The conv operator (masks on both sides; its adjoint from ``jax.vjp``
+    through ConvOp's tangent): the power iteration finds the largest singular
+    value of the explicit matrix."""
     g = GraphBuilder((7, 7, 2))
     g.conv(g.input, 3, 3, strides=2, padding="SAME", name="c")
     node = g.build("c")[-1]
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 3))
     m_in = jnp.broadcast_to(jnp.asarray([1.0, 0.0]), (7, 7, 2))
     m_out = jnp.asarray([1.0, 1.0, 0.0])
-    operator = _operator(node, {"kernel": kernel}, None, None, m_in, m_out, (7, 7, 2))
-    apply = operator[0]
+    apply = _operator(node, {"kernel": kernel}, None, None, m_in, m_out)
     matrix = jax.jacfwd(lambda v: apply(v.reshape(1, 7, 7, 2)).ravel())(jnp.zeros(98))
     v0 = jax.random.normal(jax.random.key(2), (1, 7, 7, 2))
-    sigma, _ = _power(operator, v0, 300)
+    sigma, _ = _power(apply, v0, 300)
     np.testing.assert_allclose(sigma, np.linalg.norm(np.asarray(matrix), 2), rtol=1e-4)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..encoding import Budget, UnitEncoding
-from ..forward import Plan, auto_plan, map_population, mask_kind
+from ..forward import Plan, auto_plan, map_chunks, mask_kind
 from ..probes import batchnorm_nodes, make_probes, validate_probes
 from ..space import MaskError
 from ..zoo import Pretrained
@@ -278,7 +278,7 @@ class Fitness:
 
     def _map(self, fn, masks):
         plan = self._plan(masks)
-        return map_population(jax.vmap(lambda m: fn(m, plan)), masks, plan.individuals)
+        return map_chunks(jax.vmap(lambda m: fn(m, plan)), masks, plan.individuals)
 
     def _batch(self, masks):
         return self._map(self.single, masks)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..models import Net, Node
+from ..models.masked_layers import conv_op
 from ..zoo import Pretrained
 from .base import FitnessError, register_metric
 
@@ -96,13 +97,11 @@ def _linear(n: Node, p: dict, x, *, absolute: bool, bias: bool):
         y = x @ k
     elif n.op == "conv":
         k = jnp.abs(p["kernel"]) if absolute else p["kernel"]
-        y = jax.lax.conv_general_dilated(
-            x.astype(jnp.promote_types(x.dtype, k.dtype)),
-            k.astype(jnp.promote_types(x.dtype, k.dtype)),
-            window_strides=n.attr("strides"),
-            padding=n.attr("padding"),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        dtype = jnp.promote_types(x.dtype, k.dtype)
+        # a ConvOp: its gradients stay fast inside loops (lipschitz's power
+        # iteration; see ConvOp.transpose)
+        op = conv_op(n.attr("strides"), n.attr("padding"))
+        y = op(x.astype(dtype), k.astype(dtype))
     elif n.op == "batchnorm":
         s = p["scale"] * jax.lax.rsqrt(p["var"] + n.attr("epsilon"))
         if absolute:

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..models.masked_layers import conv_op
 from ..space import PruneSpace
 from .base import register_metric
 from .interval import _linear, _params
@@ -60,34 +59,23 @@ def _layers(net):
     return out
 
 
-def _operator(n, p, bn_p, bn_node, m_in, m_out, in_shape):
-    """The layer as a linear operator and its adjoint (written out: see
-    :meth:`~gapruning.models.masked_layers.ConvOp.transpose`)."""
-    scale = 1.0
-    if bn_p is not None:
-        scale = bn_p["scale"] * jax.lax.rsqrt(bn_p["var"] + bn_node.attr("epsilon"))
-
+def _operator(n, p, bn_p, bn_node, m_in, m_out):
     def apply(v):
-        return _linear(n, p, v * m_in, absolute=False, bias=False) * scale * m_out
+        y = _linear(n, p, v * m_in, absolute=False, bias=False)
+        if bn_p is not None:
+            y = y * bn_p["scale"] * jax.lax.rsqrt(bn_p["var"] + bn_node.attr("epsilon"))
+        return y * m_out
 
-    def adjoint(y):
-        y = y * m_out * scale
-        if n.op == "dense":
-            return (y @ p["kernel"].T) * m_in
-        op = conv_op(n.attr("strides"), n.attr("padding"))
-        return op.transpose(y, p["kernel"], in_shape[:2]) * m_in
-
-    return apply, adjoint
+    return apply
 
 
-def _power(operator, v, iterations: int):
-    apply, adjoint = operator
-
+def _power(apply, v, iterations: int):
     def norm(a):
         return jnp.sqrt(jnp.sum(a * a))
 
     def body(_, v):
-        w = adjoint(apply(v))
+        _, vjp = jax.vjp(apply, v)
+        w = vjp(apply(v))[0]
         return w / (norm(w) + 1e-30)
 
     v = jax.lax.fori_loop(0, iterations, body, v / (norm(v) + 1e-30))
@@ -130,18 +118,17 @@ def _prepare(pretrained, probes, iterations=20, seed=0):
         sigmas, vectors = [], []
         for (n, in_shape, _, _, bn), v0 in zip(layers, starts, strict=True):
             ones = jnp.ones(in_shape, jnp.float32)
-            operator = _operator(
+            apply = _operator(
                 n,
                 params[n.name],
                 params.get(bn) if bn else None,
                 by_name.get(bn),
                 ones,
                 jnp.ones(n.shape[-1:], jnp.float32),
-                in_shape,
             )
-            _, v = _power(operator, v0, 100)
+            _, v = _power(apply, v0, 100)
             # the dense reference runs exactly what a full mask runs in lipschitz()
-            sigma, _ = _power(operator, _start(v, ones), int(iterations))
+            sigma, _ = _power(apply, _start(v, ones), int(iterations))
             sigmas.append(sigma)
             vectors.append(v)
         return jnp.log(jnp.stack(sigmas) + 1e-30), vectors
@@ -164,16 +151,15 @@ def lipschitz(cache, pruned_apply, masks, probes, iterations=20, seed=0):
     for (n, in_shape, in_spec, group, bn), v in zip(layers, cache["v"], strict=True):
         m_in = _masks_for(in_spec, masks, in_shape, v.dtype)
         m_out = _out_mask(group, masks, n, v.dtype)
-        operator = _operator(
+        apply = _operator(
             n,
             params[n.name],
             params.get(bn) if bn else None,
             by_name.get(bn),
             m_in,
             m_out,
-            in_shape,
         )
-        sigma, _ = _power(operator, _start(v, m_in), int(iterations))
+        sigma, _ = _power(apply, _start(v, m_in), int(iterations))
         logs.append(jnp.log(sigma + 1e-30))
     return jnp.sum(cache["log_sigma"] - jnp.stack(logs))
 

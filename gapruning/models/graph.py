@@ -407,6 +407,17 @@ def _pool(x, node: Node, kind: str):
     return total / jax.lax.reduce_window(ones, 0.0, jax.lax.add, dims, strides, pad)
 
 
+def mask_read(n: Node, by_name: dict[str, Node]) -> Node | None:
+    """The mask node a Dense/Conv ``n`` reads (directly or through a flatten), or
+    ``None``."""
+    if n.op not in PRODUCERS:
+        return None
+    src = by_name[n.inputs[0]]
+    if src.op == "flatten" and by_name[src.inputs[0]].op == "mask":
+        src = by_name[src.inputs[0]]
+    return src if src.op == "mask" else None
+
+
 class Net(nnx.Module):
     """Executes a node tuple. Layers live in ``self.layers``, masks in ``self.masks``.
 
@@ -507,13 +518,8 @@ class Net(nnx.Module):
         """The nodes whose values computing ``n`` reads: a Dense/Conv layer reading
         a mask (directly or through a flatten) reads the mask's input, the mask
         itself being folded into the contraction."""
-        if n.op in PRODUCERS:
-            src = by_name[n.inputs[0]]
-            if src.op == "flatten" and by_name[src.inputs[0]].op == "mask":
-                src = by_name[src.inputs[0]]
-            if src.op == "mask":
-                return (src.inputs[0],)
-        return n.inputs
+        mask = mask_read(n, by_name)
+        return n.inputs if mask is None else (mask.inputs[0],)
 
     def values(
         self,
@@ -561,15 +567,12 @@ class Net(nnx.Module):
         """The unmasked input of a Dense/Conv ``node`` (``None`` if not computed)
         and the mask over its input features, when it reads a mask (directly, or
         through a flatten)."""
-        src = by_name[node.inputs[0]]
-        flatten = src.op == "flatten" and by_name[src.inputs[0]].op == "mask"
-        if flatten:
-            src = by_name[src.inputs[0]]
-        if src.op != "mask":
+        src = mask_read(node, by_name)
+        if src is None:
             return vals[node.inputs[0]], None
         x = vals.get(src.inputs[0])
-        mask = self.masks[src.attr("group")][...].astype(jnp.float32)
-        if flatten:
+        mask = self.masks[src.attr("group")][...]
+        if by_name[node.inputs[0]].op == "flatten":
             x = None if x is None else x.reshape(x.shape[0], -1)
             mask = jnp.tile(mask, math.prod(src.shape[:-1]))
         return x, mask

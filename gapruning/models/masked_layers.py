@@ -130,7 +130,12 @@ def _conv_jvp(op, primals, tangents):
         terms.append(op.linear(dx, kernel))
     if not _is_zero(dkernel):
         terms.append(op.raw(x, dkernel))
-    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+    return y, _sum_tangents(terms, y)
+
+
+def _sum_tangents(terms: list, like: jax.Array) -> jax.Array:
+    """The sum of the non-zero tangent terms (zeros like ``like`` if none)."""
+    return sum(terms[1:], terms[0]) if terms else jnp.zeros_like(like)
 
 
 def _linear_in_x(op: LinearOp) -> LinearOp:
@@ -186,8 +191,7 @@ def _masked(op: LinearOp):
             terms.append(_linear_in_x(op)(x * dmask, kernel))
         if not _is_zero(dkernel):
             terms.append(op(x * mask, dkernel))
-        dy = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
-        return y, dy
+        return y, _sum_tangents(terms, y)
 
     return masked
 
