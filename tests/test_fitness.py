@@ -90,6 +90,55 @@ def test_register_metric_runs_a_user_metric_through_compose(bn_net, bn_probes):
         del F.METRICS["test_l1"]
 
 
+def test_terms_that_tap_share_one_forward_pass(bn_net, bn_probes, population):
+    """Outputs and every term's declared taps come from one pass per individual
+    (traced once), with the values each term has alone; a request the shared taps
+    do not cover gets its own pass."""
+    spec = {"fidelity": 1.0, "fidelity_features": 1.0, "wavelet": 1.0}
+    fit = F.compose(bn_net, spec, probes=bn_probes)
+    passes = []
+    forward = F.PrunedApply._forward
+
+    def recorded(self, masks, x, names):
+        passes.append(names)
+        return forward(self, masks, x, names)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F.PrunedApply, "_forward", recorded)
+        together = np.asarray(fit(population))
+    assert len(passes) == 1
+    wanted = {
+        n
+        for m in ("fidelity_features", "wavelet")
+        for n in F.METRICS[m].taps(bn_net.model)
+    }
+    assert set(passes[0]) == wanted and len(wanted) >= 2
+    alone = sum(
+        np.asarray(F.compose(bn_net, {name: 1.0}, probes=bn_probes)(population))
+        for name in spec
+    )
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+
+    one = row(population, 1)
+    first, everything = passes[0][:1], tuple(sorted(wanted))
+    apply = F.PrunedApply(
+        bn_net.model, share=True, shared_input=bn_probes, shared_taps=first
+    )
+    passes.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F.PrunedApply, "_forward", recorded)
+        out = apply(one, bn_probes)
+        _, tapped = apply.taps(one, bn_probes, first)
+        _, more = apply.taps(one, bn_probes, everything)
+        apply(one, bn_probes[:8])
+    assert passes == [first, everything, ()]
+    direct_out, direct = apply.model(one)(bn_probes, taps=everything)
+    np.testing.assert_allclose(out, direct_out, rtol=1e-6)
+    for name in everything:
+        np.testing.assert_allclose(more[name], direct[name], rtol=1e-6)
+    np.testing.assert_allclose(tapped[first[0]], direct[first[0]], rtol=1e-6)
+
+
 def test_metric_functions_have_formula_docstrings():
     for name, m in F.METRICS.items():
         assert m.fn.__doc__ and len(m.fn.__doc__.strip()) > 40, name

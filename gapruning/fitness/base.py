@@ -8,7 +8,9 @@ over the population. ``cache`` holds everything that does not depend on the mask
 norms...), made once by the metric's ``prepare(pretrained, probes, **params)``.
 ``pruned_apply`` is a :class:`PrunedApply`: ``pruned_apply(masks, x)`` gives the
 masked network's outputs, ``pruned_apply.taps(masks, x, names)`` also returns
-intermediate tensors, ``pruned_apply.net`` is the (dense) network.
+intermediate tensors, ``pruned_apply.net`` is the (dense) network. A metric that
+taps tensors on the probes names them in ``taps`` when it registers: a composite
+then computes every term's outputs and taps in one forward pass.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class PrunedApply:
             :func:`~gapruning.forward.split_apply` as ``plan`` says, so their
             mask-free work is done once for the whole population.
         plan: a :class:`~gapruning.forward.Plan` (``None``: plain passes).
+        shared_taps: with ``share``, the tensors the first pass on
+            ``shared_input`` taps, whatever it is asked for: every later pass on
+            it whose taps are among them is read from that one pass.
     """
 
     def __init__(
@@ -60,11 +65,13 @@ class PrunedApply:
         share: bool = False,
         shared_input: jax.Array | None = None,
         plan: Plan | None = None,
+        shared_taps: tuple[str, ...] = (),
     ):
         self.net = net
         self._shared: dict | None = {} if share else None
         self._shared_input = shared_input
         self._plan = plan
+        self._shared_taps = tuple(shared_taps)
 
     def _once(self, masks, x, names, compute):
         if self._shared is None:
@@ -81,7 +88,7 @@ class PrunedApply:
             return _with_unit_masks(self.net, masks)
         return _with_kernel_masks(self.net, masks)
 
-    def _forward(self, masks, x, names):
+    def _forward(self, masks, x, names) -> tuple[jax.Array, dict]:
         model = self.model(masks)
         split = (
             self._plan is not None
@@ -89,23 +96,36 @@ class PrunedApply:
             and mask_kind(self.net, masks) == "units"
         )
         if not split:
-            return model(x, taps=names)
-        return split_apply(
-            model,
-            x,
-            taps=names,
-            probe_chunk=self._plan.probe_chunk,
-            per_channel=self._plan.per_channel,
+            out = model(x, taps=names)
+        else:
+            out = split_apply(
+                model,
+                x,
+                taps=names,
+                probe_chunk=self._plan.probe_chunk,
+                per_channel=self._plan.per_channel,
+            )
+        return out if names else (out, {})
+
+    def _pass(self, masks, x, names):
+        """``(outputs, taps)``; the shared taps cover a request on the shared
+        input when they include its taps."""
+        asked = names
+        shared = self._shared is not None and x is self._shared_input
+        if shared and set(names) <= set(self._shared_taps):
+            names = self._shared_taps
+        out, tapped = self._once(
+            masks, x, names, lambda: self._forward(masks, x, names)
         )
+        return out, {t: tapped[t] for t in asked}
 
     def __call__(self, masks: Mapping, x: jax.Array) -> jax.Array:
         """Outputs ``(B, classes)`` of the masked network on ``x``."""
-        return self._once(masks, x, None, lambda: self._forward(masks, x, ()))
+        return self._pass(masks, x, ())[0]
 
     def taps(self, masks: Mapping, x: jax.Array, names: tuple[str, ...]):
         """``(outputs, {name: tensor})`` of the masked network on ``x``."""
-        names = tuple(names)
-        return self._once(masks, x, names, lambda: self._forward(masks, x, names))
+        return self._pass(masks, x, tuple(names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +144,9 @@ class Metric:
         degrades_with_pruning: ``True`` for quality metrics: 0 for the unpruned
             network (their minimum) and larger the more damage; ``False`` for
             costs, which fall as units are removed (1.0 for the unpruned network).
+        taps: ``taps(net) -> names`` of the tensors ``fn`` taps on the probes
+            (``pruned_apply.taps(masks, probes, names)``), so a composite computes
+            them in the pass its terms share; ``None``: it taps none.
     """
 
     name: str
@@ -134,6 +157,7 @@ class Metric:
     needs_probes: bool = True
     unit_masks_only: bool = False
     degrades_with_pruning: bool = True
+    taps: Callable[[Net], tuple[str, ...]] | None = None
 
     def params(self, **overrides) -> dict:
         unknown = sorted(set(overrides) - set(self.defaults))
@@ -166,6 +190,7 @@ def register_metric(
     needs_probes: bool = True,
     unit_masks_only: bool = False,
     degrades_with_pruning: bool = True,
+    taps: Callable[[Net], tuple[str, ...]] | None = None,
     overwrite: bool = False,
 ) -> Metric:
     """Adds a metric to :data:`METRICS` (see :class:`Metric` for the arguments).
@@ -190,6 +215,7 @@ def register_metric(
         needs_probes,
         unit_masks_only,
         degrades_with_pruning,
+        taps,
     )
     METRICS[name] = metric
     return metric

@@ -145,6 +145,11 @@ class Fitness:
         for term in terms:
             cache, fn = METRICS[term.metric].build(pretrained, probes, **term.params)
             self._fns.append((term, cache, fn))
+        # every term's taps on the probes, computed in the one pass they share
+        tapped = (METRICS[t.metric].taps for t in terms)
+        self._shared_taps = tuple(
+            dict.fromkeys(n for taps in tapped if taps for n in taps(pretrained.model))
+        )
         self._batched_components = jax.jit(self._batch_components)
         self.scales = {t.label: 1.0 for t in terms}
         if normalize:
@@ -164,10 +169,16 @@ class Fitness:
     def _pruned_apply(self, masks, plan: Plan | None, probes) -> PrunedApply:
         """The forward passes of one individual; ``probes``: the probes as the
         metrics receive them (every individual shares them)."""
-        if self.repair is not None:  # weights per individual: nothing is shared
-            return PrunedApply(self.repair(masks), share=True)
+        if self.repair is not None:  # weights per individual: plain passes
+            net, plan = self.repair(masks), None
+        else:
+            net = self.pretrained.model
         return PrunedApply(
-            self.pretrained.model, share=True, shared_input=probes, plan=plan
+            net,
+            share=True,
+            shared_input=probes,
+            plan=plan,
+            shared_taps=self._shared_taps,
         )
 
     def _calibrate(self, seed: int) -> dict[str, float]:

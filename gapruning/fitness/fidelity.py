@@ -97,15 +97,16 @@ def feature_fidelity(cache, pruned_apply, masks, probes, max_probes=128):
     training images. Computed per unit, for 0/1 masks, as
     ``sum_i m_i ||h'_i - h_i||^2 + (1 - m_i) ||h_i||^2``: where ``h'_l`` does not
     depend on the masks (layers before the first mask) the sums over probes are
-    then shared by the whole population instead of repeated per individual.
+    then shared by the whole population instead of repeated per individual. The
+    features are tapped on all probes, in the pass a composite's terms share.
     """
     dense = cache["feats"]
     groups = _feature_tensors(pruned_apply.net)
-    _, feats = pruned_apply.taps(masks, probes[:max_probes], tuple(dense))
+    _, feats = pruned_apply.taps(masks, probes, tuple(dense))
     errs = []
     for name, h in dense.items():
         axes = tuple(range(h.ndim - 1))
-        kept_err = jnp.sum((feats[name] - h) ** 2, axis=axes)
+        kept_err = jnp.sum((feats[name][:max_probes] - h) ** 2, axis=axes)
         removed_err = jnp.sum(h**2, axis=axes)
         group = groups[name]
         m = 1.0 if group is None else jnp.asarray(masks[group], h.dtype)
@@ -141,4 +142,5 @@ register_metric(
         "relative reconstruction error of every layer's input features on probes"
     ),
     defaults={"max_probes": 128},
+    taps=lambda net: tuple(_feature_tensors(net)),
 )

@@ -136,4 +136,5 @@ register_metric(
     ),
     defaults={"gamma": 0.5},
     unit_masks_only=True,
+    taps=lambda net: tuple(_tensors(net).values()),
 )
