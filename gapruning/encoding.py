@@ -213,6 +213,16 @@ def l1_unit_scores(model: Net, space: PruneSpace) -> np.ndarray:
     return np.concatenate(scores)
 
 
+def standardize_per_group(scores: np.ndarray, space: PruneSpace) -> np.ndarray:
+    """``scores`` (one per unit, in ``space`` order) minus their group's mean,
+    divided by its standard deviation: comparable across layers."""
+    out = np.empty(len(scores), np.float32)
+    for g, o in zip(space.groups, space.offsets, strict=True):
+        part = scores[o : o + g.size]
+        out[o : o + g.size] = (part - part.mean()) / (part.std() + 1e-12)
+    return out
+
+
 class ProfileEncoding:
     """One keep-ratio gene per group; units chosen inside groups by ``rule``.
 

@@ -23,7 +23,13 @@ import numpy as np
 from . import recover as recover_lib
 from . import search
 from .compact import compact, param_count, sparsify
-from .encoding import Budget, ProfileEncoding, UnitEncoding, l1_unit_scores
+from .encoding import (
+    Budget,
+    ProfileEncoding,
+    UnitEncoding,
+    l1_unit_scores,
+    standardize_per_group,
+)
 from .methods import METHODS, MethodContext, MethodResult, run_method
 from .progress import progress_bar
 from .space import PruneSpace
@@ -292,7 +298,7 @@ def prune(
         }
         return PruneResult(found.masks, pruned, found.history, net, found, settings)
     l1 = l1_unit_scores(net.model, space)
-    l1_rank = _zscore_per_group(l1, space)
+    l1_rank = standardize_per_group(l1, space)
     if encoding == "units":
         enc = UnitEncoding(space, budget_spec, prior=l1_rank)
         center = jnp.asarray(l1_rank) if init == "l1" else None
@@ -381,15 +387,6 @@ def _recovery_plan(repair, steps, fitness) -> tuple[str | None, bool]:
     if len(merges) > 1:
         raise ValueError(f"choose one merge method, got {sorted(merges)}")
     return (next(iter(merges)) if merges else None), "distill" in steps
-
-
-def _zscore_per_group(scores: np.ndarray, space: PruneSpace) -> np.ndarray:
-    """Standardises scores inside each group (comparable across layers)."""
-    out = np.empty_like(scores, dtype=np.float32)
-    for g, o in zip(space.groups, space.offsets, strict=True):
-        part = scores[o : o + g.size]
-        out[o : o + g.size] = (part - part.mean()) / (part.std() + 1e-12)
-    return out
 
 
 def _fitness(net, spec, probes, num_probes, seed, dtype=None, chunk_size="auto"):

@@ -13,6 +13,7 @@ from gapruning.encoding import (
     UnitEncoding,
     WeightEncoding,
     l1_unit_scores,
+    standardize_per_group,
 )
 from gapruning.space import MaskError
 
@@ -122,6 +123,21 @@ def test_profile_round_trip_for_masks_following_the_rule(ratios):
     back = enc.decode(genome)
     for g in space.group_names:
         np.testing.assert_array_equal(np.asarray(back[g]), masks[g])
+
+
+def test_standardize_per_group_matches_a_loop_over_units(lenet5):
+    space = lenet5.space
+    scores = np.random.default_rng(0).gamma(2.0, size=space.num_units) * 10
+    got = standardize_per_group(scores, space)
+    unit = 0
+    for g in space.groups:
+        values = scores[unit : unit + g.size]
+        mean = sum(values) / g.size
+        std = (sum((v - mean) ** 2 for v in values) / g.size) ** 0.5
+        for v in values:
+            assert got[unit] == pytest.approx((v - mean) / std, rel=1e-5)
+            unit += 1
+    assert unit == len(got) and got.dtype == np.float32
 
 
 def test_profile_shape_is_followed(lenet5):

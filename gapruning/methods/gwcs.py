@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import search
 from ..compact import _kept_index, compact
-from ..encoding import l1_unit_scores
+from ..encoding import l1_unit_scores, standardize_per_group
 from ..zoo import Pretrained
 from . import MethodContext, MethodResult, register_method
 
@@ -52,14 +52,6 @@ def stage_groups(space, stages: int) -> list[list[str]]:
     parts = [list(a) for a in np.array_split(np.array(main, object), n)]
     parts[-1].extend(tail)
     return [p for p in parts if p]
-
-
-def _zscore(scores, space):
-    out = np.empty(len(scores), np.float32)
-    for g, o in zip(space.groups, space.offsets, strict=True):
-        part = scores[o : o + g.size]
-        out[o : o + g.size] = (part - part.mean()) / (part.std() + 1e-12)
-    return out
 
 
 def expand(small: Pretrained, net: Pretrained, masks) -> Pretrained:
@@ -116,7 +108,7 @@ def gwcs(
 
     t0 = time.perf_counter()
     net, space = ctx.net, ctx.space
-    prior = _zscore(l1_unit_scores(net.model, space), space)
+    prior = standardize_per_group(l1_unit_scores(net.model, space), space)
     quota = space.kept(ctx.decode(prior))  # exact budget: channels per group
     plan = stage_groups(space, stages)
     has_conv = any(g.kind == "conv" for g in space.groups)
