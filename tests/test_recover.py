@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -438,6 +439,51 @@ def test_distill_with_adversarial_and_mixup_probes_lowers_held_out_kl():
         recover.distill(small, net, adversarial=-1, **kw)
     with pytest.raises(recover.RecoverError, match="mixup"):
         recover.distill(small, net, mixup=2.0, **kw)
+
+
+def test_distill_settings_left_at_none_follow_batchnorm():
+    """``None`` settings take ``DISTILL_DEFAULTS`` by whether the teacher has
+    BatchNorm (the feature term only with masks); explicit values win."""
+    bn, mlp = tiny_conv_bn(), tiny_mlp()
+    bn_masks = {"c1": np.array([1, 0, 1, 1, 0], bool)}
+    mlp_masks = {
+        "fc1": np.array([1, 0, 1, 1, 0, 1, 1, 0], bool),
+        "fc2": np.ones(6, bool),
+    }
+    keys = ("feature_weight", "recalibrate_bn", "adversarial", "learning_rate")
+
+    def settings(net, masks, **kw):
+        probes = gp.make_probes(net, "gaussian", 32, seed=0)
+        student = recover.distill(
+            gp.compact(net, masks), net, probes=probes, steps=1, masks=masks, **kw
+        )
+        return tuple(student.card["distill"][k] for k in keys)
+
+    assert settings(bn, bn_masks) == (1.0, False, 0, 3e-4)
+    assert settings(mlp, mlp_masks) == (0.0, True, 3, 1e-3)
+    assert recover.DISTILL_DEFAULTS[True] == dict(
+        zip(keys, (1.0, False, 0, 3e-4), strict=True)
+    )
+    assert settings(bn, bn_masks, adversarial=1, learning_rate=0.01)[2:] == (1, 0.01)
+    probes = gp.make_probes(bn, "gaussian", 32, seed=0)
+    no_masks = recover.distill(gp.compact(bn, bn_masks), bn, probes=probes, steps=1)
+    assert no_masks.card["distill"]["feature_weight"] == 0.0
+    with pytest.raises(recover.RecoverError, match="learning_rate"):
+        recover.distill(gp.compact(bn, bn_masks), bn, steps=1, learning_rate=0)
+
+
+def test_distill_warns_when_training_raises_the_probe_kl():
+    net = tiny_mlp()
+    masks = {"fc1": np.array([1, 0, 1, 1, 0, 1, 1, 0], bool), "fc2": np.ones(6, bool)}
+    small = gp.compact(net, masks)
+    kw = dict(probes=gp.make_probes(net, "gaussian", 64, seed=0), masks=masks)
+    with pytest.warns(RuntimeWarning, match="raised the KL on the probes"):
+        hurt = recover.distill(small, net, steps=20, learning_rate=30.0, **kw)
+    card = hurt.card["distill"]
+    assert card["kl_after"] > card["kl_before"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recover.distill(small, net, steps=20, **kw)
 
 
 def test_distill_augments_image_probes_with_shifts_and_flips(monkeypatch):
