@@ -150,7 +150,7 @@ def plot(summary, dense, path):
             )
         ax.set_title(model)
         ax.set_xlabel("% removed (hidden units, or FLOPs for convnets)")
-        ax.set_ylabel("test accuracy % (no fine-tuning)")
+        ax.set_ylabel("test accuracy % (no fine-tuning; gwcs distills)")
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
@@ -165,7 +165,8 @@ def markdown(summary, dense, settings, info, errors) -> str:
         f"{info['load_average_at_start']:.1f} at start and "
         f"{settings['load_average_at_end']:.1f} at the end (shared machine: "
         "seconds are indicative). Same ratio removed from every layer; no "
-        "fine-tuning; search methods: "
+        "fine-tuning except gwcs's own distillation on probes (200 steps, "
+        "gp.recover.DISTILL_DEFAULTS for the network); search methods: "
         f"{settings['generations']} generations x {settings['population']} "
         f"individuals, default data-free fitness on {settings['num_probes']} "
         f"probes; Paoding: stochastic mode, step {settings['paoding_step']}. "
