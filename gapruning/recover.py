@@ -69,6 +69,7 @@ from jax.custom_batching import custom_vmap
 from .augment import shift_flip
 from .forward import _with_unit_masks
 from .models import Net
+from .models.graph import mask_read
 from .probes import batchnorm_nodes, make_probes
 from .space import PruneSpace
 from .zoo import Pretrained
@@ -124,17 +125,21 @@ def consumers(net: Net) -> tuple[Consumer, ...]:
     by_name = {n.name: n for n in net.nodes}
     out = []
     for n in net.nodes:
-        if n.op not in ("dense", "conv"):
+        mask = mask_read(n, by_name)
+        if mask is None:
             continue
-        src, positions = by_name[n.inputs[0]], 1
-        if src.op == "flatten" and by_name[src.inputs[0]].op == "mask":
-            src = by_name[src.inputs[0]]
-            positions = math.prod(src.shape[:-1])
-        if src.op == "mask":
-            out.append(
-                Consumer(n.name, n.op, src.attr("group"), src.inputs[0], positions)
-            )
+        flat = by_name[n.inputs[0]].op == "flatten"
+        positions = math.prod(mask.shape[:-1]) if flat else 1
+        out.append(
+            Consumer(n.name, n.op, mask.attr("group"), mask.inputs[0], positions)
+        )
     return tuple(out)
+
+
+def group_consumers(net: Net, group: str) -> list[tuple[str, int]]:
+    """``(layer, positions)`` of the :func:`consumers` reading ``group``'s units
+    (the kernel's input rows are ``position * units + unit``)."""
+    return [(c.layer, c.positions) for c in consumers(net) if c.group == group]
 
 
 def _pretrained(net) -> Pretrained:

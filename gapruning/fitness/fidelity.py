@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..models.graph import PRODUCERS, mask_read
 from .base import FitnessError, dense_logits, register_metric
 
 
@@ -65,15 +66,13 @@ def _feature_tensors(net) -> dict[str, str | None]:
     first = net.nodes[0].name
     out: dict[str, str | None] = {}
     for n in net.nodes:
-        if n.op not in ("dense", "conv") or n.inputs[0] == first:
+        if n.op not in PRODUCERS or n.inputs[0] == first:
             continue
-        src = by_name[n.inputs[0]]
-        if src.op == "flatten" and by_name[src.inputs[0]].op == "mask":
-            src = by_name[src.inputs[0]]  # the error is the same before flattening
-        if src.op == "mask":
-            out[src.inputs[0]] = src.attr("group")
+        mask = mask_read(n, by_name)  # the error is the same before flattening
+        if mask is None:
+            out[n.inputs[0]] = None
         else:
-            out[src.name] = None
+            out[mask.inputs[0]] = mask.attr("group")
     return out
 
 

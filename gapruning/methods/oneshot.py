@@ -31,7 +31,6 @@ best-scored units under the exact budget (no search, no fitness, no data).
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -41,6 +40,7 @@ from flax import nnx
 
 from ..encoding import Budget, l1_unit_scores
 from ..models import Net
+from ..recover import group_consumers
 from ..space import PruneSpace
 from ..zoo import Pretrained
 from . import MethodContext, MethodResult, register_method
@@ -64,30 +64,11 @@ def random_mask(ctx: MethodContext) -> MethodResult:
 # ----------------------------------------------------------------- outgoing norm
 
 
-def consumers(model: Net, group: str) -> list[tuple[str, int]]:
-    """Dense/Conv layers that read ``group``'s units: ``(layer, positions)``, with
-    ``positions`` > 1 when a flatten sits between (the kernel's input rows are
-    ``position * units + unit``)."""
-    by_name = {n.name: n for n in model.nodes}
-    out = []
-    for n in model.nodes:
-        if n.op not in ("dense", "conv"):
-            continue
-        src = by_name[n.inputs[0]]
-        positions = 1
-        if src.op == "flatten":
-            positions = math.prod(by_name[src.inputs[0]].shape[:-1])
-            src = by_name[src.inputs[0]]
-        if src.op == "mask" and src.attr("group") == group:
-            out.append((n.name, positions))
-    return out
-
-
 def outgoing_rows(model: Net, group: str, size: int) -> list[np.ndarray]:
     """For each consumer of ``group``: its kernel as ``(units, fan_out)`` rows, the
     outgoing weights of every unit."""
     rows = []
-    for layer, positions in consumers(model, group):
+    for layer, positions in group_consumers(model, group):
         k = np.asarray(model.layers[layer].kernel[...])
         if k.ndim == 2:  # dense (positions * units, out)
             k = k.reshape(positions, size, -1).transpose(1, 0, 2)

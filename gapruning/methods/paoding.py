@@ -87,10 +87,10 @@ from flax import nnx
 
 from ..fitness.interval import activation_delta, paoding_entropy, propagate_bounds
 from ..models import Net, Node
+from ..recover import group_consumers
 from ..space import PruneSpace
 from ..zoo import Pretrained
 from . import MethodContext, MethodResult, register_method
-from .oneshot import consumers
 
 MODES = ("baseline", "impact", "stochastic")
 TAIL_OPS = frozenset(
@@ -191,7 +191,7 @@ class _Layer:
 def _mergeable(model: Net, space: PruneSpace, g, offset) -> _Layer | None:
     if g.kind != "dense" or len(g.members) != 1:
         return None
-    cons = consumers(model, g.name)
+    cons = group_consumers(model, g.name)
     if len(cons) != 1 or cons[0][1] != 1 or space.node(cons[0][0]).op != "dense":
         return None
     masks = [n for n in model.nodes if n.op == "mask" and n.attr("group") == g.name]
