@@ -70,10 +70,23 @@ def machine() -> dict:
     }
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name beside ``path``, then rename it into
+    place: a run killed mid-write leaves the previous file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write(name: str, payload: dict, markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
+    write_text_atomic(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(RESULTS / f"{name}.md", markdown)
     print(markdown)
 
 

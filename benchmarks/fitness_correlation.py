@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -38,11 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import gapruning as gp
-from gapruning.encoding import Budget, UnitEncoding
-from gapruning.fitness.compose import DEFAULT_SPEC
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, write_text_atomic  # noqa: E402
+
+import gapruning as gp  # noqa: E402
+from gapruning.encoding import Budget, UnitEncoding  # noqa: E402
+from gapruning.fitness.compose import DEFAULT_SPEC  # noqa: E402
+
 MODELS = ("lenet300-fmnist", "lenet5-fmnist")
 TARGETS = (0.5, 0.8)
 PROBE_KINDS = ("gaussian", "uniform", "inversion")
@@ -371,9 +375,10 @@ def main():
     report = run(args)
     report["seconds"] = round(time.time() - t, 1)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    out.with_suffix(".md").write_text(markdown(report))
+    write_text_atomic(
+        out.with_suffix(".json"), json.dumps(report, indent=2, default=str)
+    )
+    write_text_atomic(out.with_suffix(".md"), markdown(report))
     print(f"wrote {out}.json/.md in {report['seconds']} s")
 
 

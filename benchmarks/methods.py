@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine, write  # noqa: E402
+from common import RESULTS, machine, write, write_text_atomic  # noqa: E402
 
 import gapruning as gp  # noqa: E402
 from gapruning.methods import METHODS  # noqa: E402
@@ -290,7 +290,7 @@ def main():
                         }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                    rows_path.write_text(json.dumps(rows, indent=1) + "\n")
+                    write_text_atomic(rows_path, json.dumps(rows, indent=1) + "\n")
     summary = summarize(rows)
     errors = [r for r in rows if "error" in r]
     settings = {

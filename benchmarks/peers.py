@@ -60,7 +60,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, RESULTS, machine  # noqa: E402
+from common import CACHE, RESULTS, machine, write_text_atomic  # noqa: E402
 
 NAME = "peers"
 TARGET_THROUGHPUT = 0.5
@@ -1061,9 +1061,8 @@ def plot(payload: dict) -> None:
 
 
 def save(payload: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{NAME}.md").write_text(render(payload))
+    write_text_atomic(RESULTS / f"{NAME}.json", json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(RESULTS / f"{NAME}.md", render(payload))
     plot(payload)
 
 

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 import optax
-from common import RESULTS, machine, write
+from common import RESULTS, machine, write, write_text_atomic
 
 import gapruning as gp
 
@@ -211,9 +211,8 @@ def main() -> None:
         row["published_retention"] = PUBLISHED.get(level)
         result["rows"].append(row)
         print(json.dumps(result["rows"][-1]), flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "recovery.json").write_text(json.dumps(result, indent=1))
-        (RESULTS / "recovery.md").write_text(_markdown(result))
+        write_text_atomic(RESULTS / "recovery.json", json.dumps(result, indent=1))
+        write_text_atomic(RESULTS / "recovery.md", _markdown(result))
 
     for level in levels:
         t0 = time.perf_counter()
