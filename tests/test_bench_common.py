@@ -1,24 +1,11 @@
 """The benchmarks' result files are replaced whole or not at all."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _common():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("_common_test", BENCH / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_write_text_atomic_replaces_and_creates_folders(tmp_path):
-    write = _common().write_text_atomic
+    write = load_benchmark("common").write_text_atomic
     path = tmp_path / "new" / "rows.json"
     write(path, "first")
     write(path, "second")
@@ -27,7 +14,7 @@ def test_write_text_atomic_replaces_and_creates_folders(tmp_path):
 
 
 def test_write_text_atomic_failure_keeps_the_old_file(tmp_path):
-    write = _common().write_text_atomic
+    write = load_benchmark("common").write_text_atomic
     path = tmp_path / "rows.json"
     path.write_text("old rows")
     # a lone surrogate fails to encode after the temporary file is opened

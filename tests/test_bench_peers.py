@@ -2,28 +2,15 @@
 like: its NumPy decoding and masked forward equal gapruning's (no peer library,
 no network access needed)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 import gapruning as gp
 from gapruning.cli import build_parser
 from gapruning.encoding import Budget, UnitEncoding
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _peers():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("_peers_test", BENCH / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_peers_parses():
@@ -40,7 +27,7 @@ def test_bench_help_exits_cleanly(capsys):
 
 @pytest.mark.parametrize("model", ["lenet300-fmnist", "lenet5-fmnist"])
 def test_numpy_peer_matches_gapruning(model):
-    peers = _peers()
+    peers = load_benchmark("peers")
     net = gp.load(model)
     sizes = [g.size for g in net.space.groups]
     enc = UnitEncoding(net.space, Budget("units", 0.5))
