@@ -14,6 +14,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from gapruning.files import write_text_atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # what benchmarks build once and reuse (virtual environments, trained models)
 CACHE = Path(
@@ -68,20 +70,6 @@ def machine() -> dict:
         "jax": jax.__version__,
         "load_average_at_start": load,
     }
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary name beside ``path``, then rename it into
-    place: a run killed mid-write leaves the previous file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write(name: str, payload: dict, markdown: str) -> None:

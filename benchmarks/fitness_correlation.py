@@ -41,10 +41,11 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, write_text_atomic  # noqa: E402
+from common import RESULTS  # noqa: E402
 
 import gapruning as gp  # noqa: E402
 from gapruning.encoding import Budget, UnitEncoding  # noqa: E402
+from gapruning.files import write_text_atomic  # noqa: E402
 from gapruning.fitness.compose import DEFAULT_SPEC  # noqa: E402
 
 MODELS = ("lenet300-fmnist", "lenet5-fmnist")

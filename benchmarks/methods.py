@@ -37,9 +37,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine, write, write_text_atomic  # noqa: E402
+from common import RESULTS, machine, write  # noqa: E402
 
 import gapruning as gp  # noqa: E402
+from gapruning.files import write_text_atomic  # noqa: E402
 from gapruning.methods import METHODS  # noqa: E402
 
 SEED_FREE = {"l1", "l2_out", "synflow", "neuron_merging"}

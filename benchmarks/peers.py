@@ -60,7 +60,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, RESULTS, machine, write_text_atomic  # noqa: E402
+from common import CACHE, RESULTS, machine  # noqa: E402
+
+from gapruning.files import write_text_atomic  # noqa: E402
 
 NAME = "peers"
 TARGET_THROUGHPUT = 0.5

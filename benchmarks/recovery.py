@@ -28,9 +28,10 @@ import time
 
 import numpy as np
 import optax
-from common import RESULTS, machine, write, write_text_atomic
+from common import RESULTS, machine, write
 
 import gapruning as gp
+from gapruning.files import write_text_atomic
 
 PUBLISHED = {0.5: 98.8, 0.6: 96.8, 0.7: 92.1, 0.8: 89.1}
 EPS = 0.05

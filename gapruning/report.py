@@ -16,18 +16,12 @@ Every file is written to a temporary name and renamed into place.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .files import replaced_atomically, write_text_atomic
 from .zoo import save
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _finite(x) -> float | None:
@@ -60,10 +54,9 @@ def plot_fitness(history: dict, path: Path) -> None:
     ax.set_ylabel("fitness (lower is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_profile(report: dict, path: Path) -> None:
@@ -82,10 +75,9 @@ def plot_profile(report: dict, path: Path) -> None:
     ax.set_ylabel("units")
     ax.legend(frameon=False)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def markdown(report: dict) -> str:
@@ -161,12 +153,12 @@ def write_run(
     if extra:
         report.update(extra)
     save(result.pruned, out / "model", overwrite=overwrite)
-    _atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-    _atomic_write(out / "report.md", markdown(report).encode())
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.md", markdown(report))
     history = {k: [_finite(v) for v in np.ravel(a)] for k, a in result.history.items()}
     masks = {g: np.flatnonzero(m).tolist() for g, m in result.masks.items()}
-    _atomic_write(out / "history.json", (json.dumps(history) + "\n").encode())
-    _atomic_write(out / "masks.json", (json.dumps(masks) + "\n").encode())
+    write_text_atomic(out / "history.json", json.dumps(history) + "\n")
+    write_text_atomic(out / "masks.json", json.dumps(masks) + "\n")
     plot_fitness(result.history, out / "fitness.png")
     plot_profile(report, out / "profile.png")
     return report

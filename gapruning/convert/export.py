@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..files import replaced_atomically
 from ..models.graph import Node
 from ..zoo import Pretrained
 from .common import LAYER_VARS, ConversionError, flatten_source, hwc_rows_to_chw
@@ -102,17 +102,9 @@ def to_onnx(
     import onnx
 
     model = build_onnx(pretrained, opset=opset)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with replaced_atomically(path) as tmp:
         onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def build_onnx(pretrained: Pretrained, *, opset: int = ONNX_OPSET):

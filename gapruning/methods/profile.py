@@ -56,6 +56,7 @@ import optax
 from flax import nnx
 
 from ..encoding import Budget, ProfileEncoding
+from ..files import write_text_atomic
 from ..search import engine
 from ..search.profile_sampler import ProfileSampler
 from ..search.strategies import Strategy
@@ -107,12 +108,7 @@ def make_profile(
 
 def save_profile(profile: Mapping, path: str | Path) -> Path:
     """Writes a profile record as JSON (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(profile, indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(profile, indent=2, sort_keys=True))
 
 
 def load_profile(path: str | Path) -> dict[str, Any]:
