@@ -166,7 +166,8 @@ def prune(
         encoding: "units" (one gene per unit) or "profile" (one ratio per group).
         per_group: with the units budget, remove the same ratio from every group.
         init: "l1" seeds the initial population around the L1-norm ranking;
-            ``None`` starts from unbiased random genomes.
+            ``None`` starts from unbiased random genomes. Neither wins on every
+            model: ``benchmarks/search_quality.py`` compares them.
         chunk: generations per jitted scan (progress and checkpoints between).
         resume: continue from the newest checkpoint in ``checkpoint_dir``.
         devices: devices to shard the population over (default: all local).
