@@ -23,12 +23,12 @@ from .space import PruneSpace
 from .zoo import Pretrained
 
 
-def _kept_index(space: PruneSpace, masks: Mapping, tensor: str, width: int):
+def kept_index(space: PruneSpace, masks: Mapping, tensor: str, width: int):
     """Indices into ``tensor``'s last axis that survive compaction."""
     node = space.node(tensor)
     if node.op == "flatten":
         src = space.node(node.inputs[0])
-        inner = _kept_index(space, masks, src.name, src.shape[-1])
+        inner = kept_index(space, masks, src.name, src.shape[-1])
         positions = math.prod(src.shape[:-1])
         return (np.arange(positions)[:, None] * src.shape[-1] + inner[None, :]).ravel()
     group = space.group_of(tensor)
@@ -58,7 +58,7 @@ def compact(
     index = {}
     nodes = []
     for n in pretrained.model.nodes:
-        out = _kept_index(space, masks, n.name, n.shape[-1])
+        out = kept_index(space, masks, n.name, n.shape[-1])
         index[n.name] = out
         shape = (*n.shape[:-1], len(out))
         attrs = dict(n.attrs)
@@ -116,7 +116,7 @@ def sparsify(pretrained: Pretrained, kernel_masks: Mapping) -> Pretrained:
     -> kernel-shaped bool/0-1 array) is false. Its outputs equal
     ``gp.masked_apply(pretrained, kernel_masks, x)``; its card records nonzero
     parameter counts and nonzero kernel multiply-accumulates before/after."""
-    from .forward import _with_kernel_masks, mask_kind
+    from .forward import mask_kind, with_kernel_masks
 
     net = pretrained.model
     if mask_kind(net, kernel_masks) != "weights":
@@ -128,7 +128,7 @@ def sparsify(pretrained: Pretrained, kernel_masks: Mapping) -> Pretrained:
                 f"kernel mask {name!r} has shape {np.shape(m)}, expected {want}"
             )
     masks = {k: np.asarray(v).astype(bool) for k, v in kernel_masks.items()}
-    sparse = _with_kernel_masks(net, masks)
+    sparse = with_kernel_masks(net, masks)
     space = pretrained.space
 
     def nonzero(model: Net) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,14 @@ class Budget:
             raise ValueError(f"min_keep must be at least 1, got {self.min_keep}")
         if self.per_group and self.kind != "units":
             raise ValueError("per_group applies to the 'units' budget only")
+
+
+def kept_fraction_fn(space: PruneSpace, budget: Budget) -> Callable:
+    """Masks -> kept fraction of the budget's measure (units, params or FLOPs)."""
+    if budget.kind == "units":
+        return lambda masks: space.flat(masks).astype(jnp.float32).mean()
+    dense = space.dense_params if budget.kind == "params" else space.dense_flops
+    return lambda masks: space.cost_of_counts(space.counts(masks), budget.kind) / dense
 
 
 class BudgetDecoder:

@@ -51,7 +51,7 @@ def mask_kind(model: Pretrained | Net, masks: Mapping) -> str:
     )
 
 
-def _with_unit_masks(net: Net, masks: Mapping) -> Net:
+def with_unit_masks(net: Net, masks: Mapping) -> Net:
     graphdef, params, _, rest = nnx.split(net, nnx.Param, Mask, ...)
     mask_state = nnx.State(
         {"masks": {g: Mask(jnp.asarray(m, jnp.float32)) for g, m in masks.items()}}
@@ -59,7 +59,7 @@ def _with_unit_masks(net: Net, masks: Mapping) -> Net:
     return nnx.merge(graphdef, params, mask_state, rest)
 
 
-def _with_kernel_masks(net: Net, masks: Mapping) -> Net:
+def with_kernel_masks(net: Net, masks: Mapping) -> Net:
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
     pure = nnx.to_pure_dict(params)
     for name, m in masks.items():
@@ -75,8 +75,8 @@ def masked_apply(model: Pretrained | Net, masks: Mapping, x: jax.Array) -> jax.A
     """
     net = _net(model)
     if mask_kind(net, masks) == "units":
-        return _with_unit_masks(net, masks)(x)
-    return _with_kernel_masks(net, masks)(x)
+        return with_unit_masks(net, masks)(x)
+    return with_kernel_masks(net, masks)(x)
 
 
 # Largest population-batched activation (bytes) one chunk of individuals may
@@ -346,7 +346,7 @@ def population_apply(
 
         def one(m):
             return split_apply(
-                _with_unit_masks(net, m),
+                with_unit_masks(net, m),
                 x,
                 probe_chunk=plan.probe_chunk,
                 per_channel=plan.per_channel,
@@ -357,7 +357,7 @@ def population_apply(
         plan = Plan(chunk_size or min(p, 8))
 
         def one(m):
-            return _with_kernel_masks(net, m)(x)
+            return with_kernel_masks(net, m)(x)
 
     return map_chunks(jax.vmap(one), dict(masks), plan.individuals)
 

@@ -8,8 +8,6 @@ best masks and compacts the network. Nothing here reads a dataset.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,13 +25,13 @@ from .encoding import (
     Budget,
     ProfileEncoding,
     UnitEncoding,
+    kept_fraction_fn,
     l1_unit_scores,
     standardize_per_group,
 )
 from .methods import METHODS, MethodContext, MethodResult, run_method
 from .progress import progress_bar
-from .space import PruneSpace
-from .zoo import Pretrained, check_finite, load
+from .zoo import Pretrained, architecture_digest, check_finite, load
 
 ENCODINGS = ("units", "profile")
 DTYPES = ("float32", "bfloat16")
@@ -106,19 +104,6 @@ def _first(values) -> float | None:
 
 def _last(values) -> float | None:
     return None if values is None or len(values) == 0 else _float(values[-1])
-
-
-def _graph_digest(net: Pretrained) -> str:
-    text = json.dumps([(n.op, n.name, n.inputs, n.shape) for n in net.model.nodes])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def kept_fraction_fn(space: PruneSpace, budget: Budget) -> Callable:
-    """Masks -> kept fraction of the budget's measure (units, params or FLOPs)."""
-    if budget.kind == "units":
-        return lambda masks: space.flat(masks).astype(jnp.float32).mean()
-    dense = space.dense_params if budget.kind == "params" else space.dense_flops
-    return lambda masks: space.cost_of_counts(space.counts(masks), budget.kind) / dense
 
 
 def prune(
@@ -327,7 +312,10 @@ def prune(
     checkpointer = None
     if checkpoint_dir is not None:
         signature = dict(
-            settings, model=net.name, graph=_graph_digest(net), num_devices=len(devices)
+            settings,
+            model=net.name,
+            graph=architecture_digest(net),
+            num_devices=len(devices),
         )
         checkpointer = search.Checkpointer(checkpoint_dir, signature)
     with progress_bar(progress) as bar:

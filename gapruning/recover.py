@@ -67,7 +67,7 @@ from flax import nnx
 from jax.custom_batching import custom_vmap
 
 from .augment import shift_flip
-from .forward import _with_unit_masks
+from .forward import with_unit_masks
 from .models import Net
 from .models.graph import mask_read
 from .probes import batchnorm_nodes, make_probes
@@ -508,7 +508,7 @@ def sequential_lstsq(
     for c in consumers(net):
         node = by_name[c.layer]
         bias = net.layers[c.layer].bias is not None
-        _, state = nnx.split(_with_unit_masks(_with_layers(net, layers), masks))
+        _, state = nnx.split(with_unit_masks(_with_layers(net, layers), masks))
         gram = cross = 0.0
         for i in range(0, len(probes), batch_size):
             x = probes[i : i + batch_size]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -122,6 +123,13 @@ def graph_from_json(items: list[dict]) -> tuple[Node, ...]:
 
 
 # ------------------------------------------------------------------ save / load
+
+
+def architecture_digest(net: Pretrained) -> str:
+    """Hash of the graph (ops, names, inputs, shapes): equal for same-architecture
+    models whatever their weights."""
+    text = json.dumps([(n.op, n.name, n.inputs, n.shape) for n in net.model.nodes])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _checkpointer():

@@ -9,12 +9,12 @@ from gapruning.encoding import Budget, UnitEncoding, WeightEncoding
 from gapruning.forward import (
     PROBE_TILE_BYTES,
     Plan,
-    _with_unit_masks,
     auto_chunk_size,
     auto_plan,
     per_channel_nodes,
     population_footprint,
     split_apply,
+    with_unit_masks,
 )
 from gapruning.space import MaskError
 
@@ -50,7 +50,7 @@ def test_split_apply_equals_the_plain_pass(zoo_net, probe_chunk):
 
     def one(m):
         return split_apply(
-            _with_unit_masks(net, m),
+            with_unit_masks(net, m),
             x,
             taps=taps,
             probe_chunk=probe_chunk,
@@ -59,7 +59,7 @@ def test_split_apply_equals_the_plain_pass(zoo_net, probe_chunk):
 
     out, tapped = jax.jit(jax.vmap(one))(masks)
     for i in range(6):
-        want, want_taps = _with_unit_masks(net, {k: v[i] for k, v in masks.items()})(
+        want, want_taps = with_unit_masks(net, {k: v[i] for k, v in masks.items()})(
             x, taps=taps
         )
         np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-5)

@@ -277,7 +277,7 @@ def _consumer_error(dense_net, pretrained, masks, x, layers):
     """Mean squared error of the consumers' pre-activations under ``masks`` in
     ``pretrained`` vs the dense network ``dense_net``."""
     _, dense = dense_net.model(x, taps=layers)
-    masked = gp.forward._with_unit_masks(
+    masked = gp.forward.with_unit_masks(
         pretrained.model, {g: jnp.asarray(m, jnp.float32) for g, m in masks.items()}
     )
     _, pruned = masked(x, taps=layers)

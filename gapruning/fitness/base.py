@@ -26,10 +26,10 @@ from flax import nnx
 
 from ..forward import (
     Plan,
-    _with_kernel_masks,
-    _with_unit_masks,
     mask_kind,
     split_apply,
+    with_kernel_masks,
+    with_unit_masks,
 )
 from ..models import Net
 from ..zoo import Pretrained
@@ -85,8 +85,8 @@ class PrunedApply:
     def model(self, masks: Mapping) -> Net:
         """The network with ``masks`` applied (a view sharing the weights)."""
         if mask_kind(self.net, masks) == "units":
-            return _with_unit_masks(self.net, masks)
-        return _with_kernel_masks(self.net, masks)
+            return with_unit_masks(self.net, masks)
+        return with_kernel_masks(self.net, masks)
 
     def _forward(self, masks, x, names) -> tuple[jax.Array, dict]:
         model = self.model(masks)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..models import Net, Node
+from ..models.graph import apply_pool
 from ..models.masked_layers import conv_op
 from ..zoo import Pretrained
 from .base import FitnessError, register_metric
@@ -86,11 +87,11 @@ def _check_ops(net: Net) -> None:
         raise FitnessError(f"interval propagation does not support nodes {bad}")
 
 
-def _params(net: Net) -> dict:
+def layer_params(net: Net) -> dict:
     return nnx.to_pure_dict(nnx.state(net.layers))
 
 
-def _linear(n: Node, p: dict, x, *, absolute: bool, bias: bool):
+def linear_bound(n: Node, p: dict, x, *, absolute: bool, bias: bool):
     """The node's linear map on ``x`` (|weights| if ``absolute``; bias optional)."""
     if n.op == "dense":
         k = jnp.abs(p["kernel"]) if absolute else p["kernel"]
@@ -114,16 +115,10 @@ def _linear(n: Node, p: dict, x, *, absolute: bool, bias: bool):
     return y
 
 
-def _pool(x, n: Node, kind: str):
-    from ..models.graph import _pool as graph_pool
-
-    return graph_pool(x, n, kind)
-
-
 def _shape_op(n: Node, x):
     """Linear, parameter-free ops with nonnegative coefficients."""
     if n.op == "avgpool":
-        return _pool(x, n, "avg")
+        return apply_pool(x, n, "avg")
     if n.op == "global_avgpool":
         return x.mean(axis=(1, 2))
     if n.op == "flatten":
@@ -169,7 +164,7 @@ def propagate_bounds(
         ``{node: (lower, upper)}``.
     """
     _check_ops(net)
-    params = _params(net)
+    params = layer_params(net)
     vals: dict = {}
     out: dict = {}
     consumers: dict[str, int] = {}
@@ -187,8 +182,8 @@ def propagate_bounds(
             elif n.op in ("dense", "conv", "batchnorm"):
                 p = params[n.name]
                 c, r = (a + b) / 2, (b - a) / 2
-                cc = _linear(n, p, c, absolute=False, bias=True)
-                rr = _linear(n, p, r, absolute=True, bias=False)
+                cc = linear_bound(n, p, c, absolute=False, bias=True)
+                rr = linear_bound(n, p, r, absolute=True, bias=False)
                 y = (cc - rr, cc + rr)
             elif n.op == "relu":
                 y = (jax.nn.relu(a), jax.nn.relu(b))
@@ -197,7 +192,7 @@ def propagate_bounds(
             elif n.op == "softmax":
                 y = _softmax_bounds(a, b)
             elif n.op == "maxpool":
-                y = (_pool(a, n, "max"), _pool(b, n, "max"))
+                y = (apply_pool(a, n, "max"), apply_pool(b, n, "max"))
             elif n.op == "add":
                 parts = [vals[i] for i in n.inputs]
                 y = (sum(p[0] for p in parts), sum(p[1] for p in parts))
@@ -271,7 +266,7 @@ def activation_delta(op: str, dense_bounds, c, r):
 def impact_bounds(net: Net, masks: Mapping, dense: dict):
     """Bounds ``(dl, du)`` of (pruned output - dense output) over the region whose
     dense bounds ``dense`` (from :func:`propagate_bounds`) were computed."""
-    params = _params(net)
+    params = layer_params(net)
     vals: dict = {}  # node -> (centre, radius) of the difference
     for n in net.nodes:
         if n.op == "input":
@@ -288,8 +283,8 @@ def impact_bounds(net: Net, masks: Mapping, dense: dict):
         elif n.op in ("dense", "conv", "batchnorm"):
             p = params[n.name]
             y = (
-                _linear(n, p, c, absolute=False, bias=False),
-                _linear(n, p, r, absolute=True, bias=False),
+                linear_bound(n, p, c, absolute=False, bias=False),
+                linear_bound(n, p, r, absolute=True, bias=False),
             )
         elif n.op in ("relu", "sigmoid"):
             y = activation_delta(n.op, dense[n.inputs[0]], c, r)
@@ -297,7 +292,7 @@ def impact_bounds(net: Net, masks: Mapping, dense: dict):
             big = jnp.abs(jnp.stack([c - r, c + r])).max(axis=(0, -1), keepdims=True)
             y = (jnp.zeros_like(c), jnp.broadcast_to(big[0] / 2, c.shape))
         elif n.op == "maxpool":
-            lo, hi = -_pool(-(c - r), n, "max"), _pool(c + r, n, "max")
+            lo, hi = -apply_pool(-(c - r), n, "max"), apply_pool(c + r, n, "max")
             y = ((lo + hi) / 2, (hi - lo) / 2)
         elif n.op == "add":
             parts = [vals[i] for i in n.inputs]

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..space import PruneSpace
 from .base import register_metric
-from .interval import _linear, _params
+from .interval import layer_params, linear_bound
 
 
 def _layers(net):
@@ -61,7 +61,7 @@ def _layers(net):
 
 def _operator(n, p, bn_p, bn_node, m_in, m_out):
     def apply(v):
-        y = _linear(n, p, v * m_in, absolute=False, bias=False)
+        y = linear_bound(n, p, v * m_in, absolute=False, bias=False)
         if bn_p is not None:
             y = y * bn_p["scale"] * jax.lax.rsqrt(bn_p["var"] + bn_node.attr("epsilon"))
         return y * m_out
@@ -104,7 +104,7 @@ def _out_mask(group, masks, n, dtype):
 
 def _prepare(pretrained, probes, iterations=20, seed=0):
     net = pretrained.model
-    params = _params(net)
+    params = layer_params(net)
     by_name = {n.name: n for n in net.nodes}
     layers = _layers(net)
     rng = np.random.default_rng(seed)
@@ -144,7 +144,7 @@ def lipschitz(cache, pruned_apply, masks, probes, iterations=20, seed=0):
     and output masks applied (power iteration; see the module docstring).
     """
     net = pruned_apply.net
-    params = _params(net)
+    params = layer_params(net)
     by_name = {n.name: n for n in net.nodes}
     logs = []
     layers = _layers(net)

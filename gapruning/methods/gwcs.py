@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import search
-from ..compact import _kept_index, compact
+from ..compact import compact, kept_index
 from ..encoding import l1_unit_scores, standardize_per_group
 from ..zoo import Pretrained
 from . import MethodContext, MethodResult, register_method
@@ -61,7 +61,7 @@ def expand(small: Pretrained, net: Pretrained, masks) -> Pretrained:
 
     space = net.space
     index = {
-        n.name: _kept_index(space, masks, n.name, n.shape[-1]) for n in net.model.nodes
+        n.name: kept_index(space, masks, n.name, n.shape[-1]) for n in net.model.nodes
     }
     graphdef, state = nnx.split(net.model)
     pure = nnx.to_pure_dict(state)

@@ -40,7 +40,6 @@ reward is the data-free fitness (no fine-tuning inside the search), and the
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -60,7 +59,7 @@ from ..files import write_text_atomic
 from ..search import engine
 from ..search.profile_sampler import ProfileSampler
 from ..search.strategies import Strategy
-from ..zoo import Pretrained
+from ..zoo import Pretrained, architecture_digest
 from . import MethodContext, MethodResult, register_method
 
 PROFILE_FORMAT = "gapruning-profile/1"
@@ -68,13 +67,6 @@ PROFILE_FORMAT = "gapruning-profile/1"
 
 class ProfileError(ValueError):
     """A profile that does not fit the model it is applied to."""
-
-
-def architecture_digest(net: Pretrained) -> str:
-    """Hash of the graph (ops, names, inputs, shapes): equal for same-architecture
-    models whatever their weights."""
-    text = json.dumps([(n.op, n.name, n.inputs, n.shape) for n in net.model.nodes])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def profile_of(net: Pretrained, masks: Mapping) -> dict[str, float]:

@@ -394,7 +394,7 @@ def _make_layer(
     return None
 
 
-def _pool(x, node: Node, kind: str):
+def apply_pool(x, node: Node, kind: str):
     k, s, p = node.attr("window"), node.attr("strides"), node.attr("padding")
     dims, strides = (1, *k, 1), (1, *s, 1)
     pad = p if isinstance(p, str) else ((0, 0), *p, (0, 0))
@@ -609,9 +609,9 @@ class Net(nnx.Module):
         if op == "softmax":
             return jax.nn.softmax(x, axis=-1)
         if op == "maxpool":
-            return _pool(x, n, "max")
+            return apply_pool(x, n, "max")
         if op == "avgpool":
-            return _pool(x, n, "avg")
+            return apply_pool(x, n, "avg")
         if op == "global_avgpool":
             return x.mean(axis=(1, 2))
         if op == "flatten":
