@@ -16,7 +16,8 @@ from .common import (
     ShapeMismatchError,
     UnsupportedLayerError,
 )
-from .export import to_onnx, to_torch_module, to_torch_state_dict
+from .export_onnx import to_onnx
+from .export_torch import to_torch_module, to_torch_state_dict
 from .keras import from_keras
 from .onnx import from_onnx
 from .torch import from_torch

@@ -75,23 +75,30 @@ def chw_rows_to_hwc(rows: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
     """Reorders the rows of a kernel that reads a ``C,H,W``-flattened tensor so it
     reads our ``H,W,C``-flattened tensor instead (first axis is the input axis)."""
     c, h, w = chw
-    rest = rows.shape[1:]
-    return (
-        rows.reshape(c, h, w, *rest)
-        .transpose(1, 2, 0, *range(3, rows.ndim + 2))
-        .reshape(c * h * w, *rest)
-    )
+    return _reorder_rows(rows, (c, h, w), (1, 2, 0))
 
 
 def hwc_rows_to_chw(rows: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
     """Inverse of :func:`chw_rows_to_hwc`."""
     c, h, w = chw
+    return _reorder_rows(rows, (h, w, c), (2, 0, 1))
+
+
+def _reorder_rows(rows: np.ndarray, grid: tuple[int, int, int], perm) -> np.ndarray:
+    """Rows read as a ``grid``-shaped tensor, its axes permuted by ``perm``."""
     rest = rows.shape[1:]
     return (
-        rows.reshape(h, w, c, *rest)
-        .transpose(2, 0, 1, *range(3, rows.ndim + 2))
-        .reshape(c * h * w, *rest)
+        rows.reshape(*grid, *rest)
+        .transpose(*perm, *range(3, rows.ndim + 2))
+        .reshape(int(np.prod(grid)), *rest)
     )
+
+
+def pair(v) -> tuple[int, int]:
+    """``(v, v)`` for an int, else the two ints of ``v`` (kernel sizes, strides)."""
+    if isinstance(v, int):
+        return (int(v), int(v))
+    return tuple(int(a) for a in v)
 
 
 def flatten_source(nodes: tuple[Node, ...], name: str) -> Node | None:
@@ -157,13 +164,26 @@ def build_pretrained(
     return Pretrained(assemble(nodes, layers), card)
 
 
+def imported(
+    nodes: tuple[Node, ...],
+    params: dict[str, dict[str, np.ndarray]],
+    *,
+    source: str,
+    **card: Any,
+) -> Pretrained:
+    """What an importer returns: :func:`build_pretrained` of ``nodes`` and
+    ``params`` with the card ``make_card(model=nodes, **card)``."""
+    card = make_card(model=nodes, **card)
+    return build_pretrained(nodes, params, card, source=source)
+
+
 def make_card(
     *,
     framework: str,
     model: tuple[Node, ...],
     name: str | None,
     file: str | os.PathLike | None,
-    arch: str | None,
+    arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     input_box: tuple[float, float] | None,
     extra: dict[str, Any] | None = None,

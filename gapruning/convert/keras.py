@@ -35,9 +35,9 @@ from .common import (
     ModelFormatError,
     ShapeMismatchError,
     UnsupportedLayerError,
-    build_pretrained,
     check_input_shape,
-    make_card,
+    imported,
+    pair,
     unique_name,
 )
 
@@ -90,20 +90,21 @@ def from_keras(
         input_shape = check_input_shape(input_shape)
     config, weights, fmt, version = _read(path)
     nodes, params = _build(config, weights, input_shape, str(path))
-    card = make_card(
+    origin = {
+        "format": fmt,
+        "keras_version": version,
+        "model_class": config.get("class_name"),
+    }
+    return imported(
+        nodes,
+        params,
+        source=str(path),
         framework="keras",
-        model=nodes,
         name=name,
         file=path,
-        arch=None,
         input_box=input_box,
-        extra={
-            "format": fmt,
-            "keras_version": version,
-            "model_class": config.get("class_name"),
-        },
+        extra=origin,
     )
-    return build_pretrained(nodes, params, card, source=str(path))
 
 
 # ------------------------------------------------------------------ reading
@@ -461,13 +462,13 @@ class _Ctx:
         if len(self.g.shape(x)) != 3:
             self.fail(f"Conv2D on a tensor of shape {self.g.shape(x)}")
         if (
-            tuple(_pair(cfg.get("dilation_rate", 1))) != (1, 1)
+            tuple(pair(cfg.get("dilation_rate", 1))) != (1, 1)
             or cfg.get("groups", 1) != 1
         ):
             self.fail("Conv2D with dilation or groups")
         use_bias = bool(cfg.get("use_bias", True))
         w = self._arrays(["kernel", "bias"] if use_bias else ["kernel"])
-        k, filters = _pair(cfg["kernel_size"]), int(cfg["filters"])
+        k, filters = pair(cfg["kernel_size"]), int(cfg["filters"])
         self._shape("kernel", w["kernel"], (*k, self.g.shape(x)[-1], filters))
         if use_bias:
             self._shape("bias", w["bias"], (filters,))
@@ -475,7 +476,7 @@ class _Ctx:
             x,
             filters,
             k,
-            strides=_pair(cfg.get("strides", 1)),
+            strides=pair(cfg.get("strides", 1)),
             padding=_padding(cfg.get("padding", "valid"), self),
             use_bias=use_bias,
             name=self.name(),
@@ -512,9 +513,9 @@ class _Ctx:
     def _pool(self, cfg, x, kind):
         if len(self.g.shape(x)) != 3:
             self.fail(f"pooling a tensor of shape {self.g.shape(x)}")
-        k = _pair(cfg.get("pool_size", 2))
+        k = pair(cfg.get("pool_size", 2))
         s = cfg.get("strides")
-        s = k if s is None else _pair(s)
+        s = k if s is None else pair(s)
         pad = _padding(cfg.get("padding", "valid"), self)
         if kind == "max":
             return self.g.maxpool(x, k, s, pad, name=self.name())
@@ -563,12 +564,6 @@ class _Ctx:
         if axis not in (-1, [-1], len(self.g.shape(x))):
             self.fail(f"Softmax over axis {axis} (last only)")
         return self.g.softmax(x, name=self.name())
-
-
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    return tuple(int(a) for a in v)
 
 
 def _padding(pad: Any, ctx: _Ctx) -> str:

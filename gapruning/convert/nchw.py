@@ -140,6 +140,17 @@ class NCHWGraph:
                 f"{self.where}: {tensor} has shape {tuple(got)}, expected {tuple(want)}"
             )
 
+    def _store(self, node: str, kernel: np.ndarray, bias, out: int, name: str):
+        """Records the Dense/Conv ``node``'s kernel and its bias, if any."""
+        p = {"kernel": kernel}
+        if bias is not None:
+            bias = np.asarray(bias, np.float32).reshape(-1)
+            self._check(f"bias of {name!r}", bias.shape, (out,))
+            p["bias"] = bias
+        else:
+            self.bias_free.add(node)
+        self.params[node] = p
+
     # ---------------------------------------------------------------- layers
 
     def linear(self, x: Val, weight, bias, *, name: str) -> Val:
@@ -156,14 +167,7 @@ class NCHWGraph:
         node = self.g.dense(
             x.node, out, use_bias=bias is not None, name=self.name(name)
         )
-        p = {"kernel": self._per_feature(x, weight.T.copy())}
-        if bias is not None:
-            bias = np.asarray(bias, np.float32).reshape(-1)
-            self._check(f"bias of {name!r}", bias.shape, (out,))
-            p["bias"] = bias
-        else:
-            self.bias_free.add(node)
-        self.params[node] = p
+        self._store(node, self._per_feature(x, weight.T.copy()), bias, out, name)
         return Val(node, "flat")
 
     def conv(self, x: Val, weight, bias, *, strides, pads, name: str) -> Val:
@@ -190,14 +194,7 @@ class NCHWGraph:
             use_bias=bias is not None,
             name=self.name(name),
         )
-        p = {"kernel": weight.transpose(2, 3, 1, 0).copy()}
-        if bias is not None:
-            bias = np.asarray(bias, np.float32).reshape(-1)
-            self._check(f"bias of {name!r}", bias.shape, (out,))
-            p["bias"] = bias
-        else:
-            self.bias_free.add(node)
-        self.params[node] = p
+        self._store(node, weight.transpose(2, 3, 1, 0).copy(), bias, out, name)
         return Val(node, "map")
 
     def batchnorm(

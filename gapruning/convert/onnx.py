@@ -32,9 +32,8 @@ from .common import (
     ConversionError,
     ModelFormatError,
     UnsupportedLayerError,
-    build_pretrained,
     check_input_shape,
-    make_card,
+    imported,
 )
 from .nchw import NCHWGraph, Val
 
@@ -95,19 +94,17 @@ def from_onnx(
     nodes, params = _Importer(model.graph, consts, opset, where, numpy_helper).run(
         input_shape
     )
-    card = make_card(
+    producer = f"{model.producer_name} {model.producer_version}".strip()
+    return imported(
+        nodes,
+        params,
+        source=where,
         framework="onnx",
-        model=nodes,
         name=name or (None if file is not None else model.graph.name or None),
         file=file,
-        arch=None,
         input_box=input_box,
-        extra={
-            "opset": int(opset),
-            "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        },
+        extra={"opset": int(opset), "producer": producer},
     )
-    return build_pretrained(nodes, params, card, source=where)
 
 
 def _attrs(node) -> dict[str, Any]:

@@ -1,0 +1,281 @@
+"""One traced ``torch.fx`` call (module, function or method) into :class:`NCHWGraph`.
+
+Each translator takes the graph, the call and its already-translated arguments,
+and returns the translated value; anything without a translation goes to
+``unsupported(what)``, which raises with the call's position.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from .common import pair, sanitize
+from .nchw import NCHWGraph, Val
+from .torch_state import conv_pads, flax_momentum
+
+
+def _np(t):
+    return None if t is None else t.detach().cpu().float().numpy()
+
+
+def module_call(g: NCHWGraph, mod, target, args, unsupported):
+    """The call of submodule ``mod`` (named ``target``) on ``args``."""
+    from torch import nn
+
+    name = sanitize(target)
+    x = args[0] if args else None
+    if not isinstance(x, Val) or len(args) != 1:
+        unsupported(f"call of {target!r} ({type(mod).__name__}) with these arguments")
+    if isinstance(mod, nn.Linear):
+        return g.linear(x, _np(mod.weight), _np(mod.bias), name=name)
+    if isinstance(mod, nn.Conv2d):
+        return _conv_module(g, mod, target, x, unsupported)
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return _batchnorm_module(g, mod, target, x, unsupported)
+    if isinstance(mod, nn.ReLU):
+        return g.relu(x, name=name)
+    if isinstance(mod, nn.Sigmoid):
+        return g.sigmoid(x, name=name)
+    if isinstance(mod, nn.Softmax):
+        return g.softmax(x, -1 if mod.dim is None else mod.dim, name=name)
+    if isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity)):
+        return x
+    if isinstance(mod, nn.Flatten):
+        if mod.start_dim != 1 or mod.end_dim != -1:
+            unsupported(f"layer {target!r} (Flatten({mod.start_dim}, {mod.end_dim}))")
+        return g.flatten(x, name=name)
+    if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
+        return _pool_module(g, mod, target, x, unsupported)
+    if isinstance(mod, nn.AdaptiveAvgPool2d):
+        if pair(mod.output_size) != (1, 1):
+            unsupported(
+                f"layer {target!r} (AdaptiveAvgPool2d({mod.output_size}); only "
+                "output size 1 is supported)"
+            )
+        return g.global_avgpool(x, name=name)
+    unsupported(f"layer {target!r} ({type(mod).__name__})")
+
+
+def _conv_module(g: NCHWGraph, mod, target, x, unsupported):
+    if mod.groups != 1 or tuple(mod.dilation) != (1, 1):
+        unsupported(
+            f"layer {target!r} (Conv2d with groups={mod.groups}, "
+            f"dilation={tuple(mod.dilation)})"
+        )
+    if mod.padding_mode != "zeros":
+        unsupported(f"layer {target!r} (Conv2d padding_mode={mod.padding_mode!r})")
+    (t, b), (left, r) = conv_pads(mod, tuple(mod.kernel_size))
+    return g.conv(
+        x,
+        _np(mod.weight),
+        _np(mod.bias),
+        strides=tuple(mod.stride),
+        pads=(t, left, b, r),
+        name=sanitize(target),
+    )
+
+
+def _batchnorm_module(g: NCHWGraph, mod, target, x, unsupported):
+    if mod.running_mean is None:
+        unsupported(f"layer {target!r} (BatchNorm without running statistics)")
+    c = mod.num_features
+    return g.batchnorm(
+        x,
+        _np(mod.weight) if mod.affine else np.ones(c, np.float32),
+        _np(mod.bias) if mod.affine else np.zeros(c, np.float32),
+        _np(mod.running_mean),
+        _np(mod.running_var),
+        epsilon=mod.eps,
+        momentum=flax_momentum(mod.momentum),
+        name=sanitize(target),
+    )
+
+
+def _pool_module(g: NCHWGraph, mod, target, x, unsupported):
+    from torch import nn
+
+    name = sanitize(target)
+    if mod.ceil_mode or (
+        isinstance(mod, nn.MaxPool2d) and pair(mod.dilation) != (1, 1)
+    ):
+        unsupported(f"layer {target!r} ({type(mod).__name__} with ceil_mode/dilation)")
+    k, s, p = (
+        pair(mod.kernel_size),
+        pair(mod.stride or mod.kernel_size),
+        pair(mod.padding),
+    )
+    pads = (p[0], p[1], p[0], p[1])
+    if isinstance(mod, nn.MaxPool2d):
+        if mod.return_indices:
+            unsupported(f"layer {target!r} (MaxPool2d returning indices)")
+        return g.maxpool(x, k, s, pads, name=name)
+    if mod.divisor_override is not None:
+        unsupported(f"layer {target!r} (AvgPool2d with divisor_override)")
+    return g.avgpool(x, k, s, pads, count_include_pad=mod.count_include_pad, name=name)
+
+
+def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
+    """The call of function ``n.target`` (torch, ``F`` or operator) on ``args``."""
+    fn = n.target
+    name = sanitize(n.name)
+    x = args[0] if args else None
+    if fn in (torch.relu, F.relu, torch.nn.functional.relu):
+        return g.relu(x, name=name)
+    if fn in (torch.sigmoid, F.sigmoid):
+        return g.sigmoid(x, name=name)
+    if fn in (torch.softmax, F.softmax):
+        dim = args[1] if len(args) > 1 else kw.get("dim")
+        return g.softmax(x, -1 if dim is None else dim, name=name)
+    if fn is torch.flatten:
+        start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
+        end = args[2] if len(args) > 2 else kw.get("end_dim", -1)
+        if start != 1 or end != -1:
+            unsupported(f"call {n.name!r} (torch.flatten from dim {start} to {end})")
+        return g.flatten(x, name=name)
+    if fn in (F.dropout, F.dropout2d):
+        return x
+    if fn in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d):
+        is_max = fn is not F.avg_pool2d
+        return _pool_function(g, n, args, kw, unsupported, is_max=is_max)
+    if fn in (F.adaptive_avg_pool2d,):
+        size = args[1] if len(args) > 1 else kw.get("output_size")
+        if pair(size) != (1, 1):
+            unsupported(f"call {n.name!r} (adaptive_avg_pool2d to {size})")
+        return g.global_avgpool(x, name=name)
+    if fn is operator.getitem and isinstance(x, Val):
+        stride = _spatial_stride(args[1])
+        if stride is None:
+            unsupported(f"indexing {n.name!r} ({args[1]!r}; only x[:, :, ::s, ::s])")
+        return g.subsample(x, stride, name=name)
+    if fn is F.pad and isinstance(x, Val):
+        return _pad_function(g, n, args, kw, unsupported)
+    out = _arithmetic(g, n, args, kw, unsupported, torch)
+    if out is None:
+        unsupported(f"call {n.name!r} ({getattr(fn, '__name__', fn)})")
+    return out
+
+
+def _pool_function(g: NCHWGraph, n, args, kw, unsupported, *, is_max: bool):
+    names = ["input", "kernel_size", "stride", "padding"] + (
+        ["dilation", "ceil_mode", "return_indices"]
+        if is_max
+        else ["ceil_mode", "count_include_pad", "divisor_override"]
+    )
+    bound = dict(zip(names, args, strict=False)) | kw
+    k = pair(bound["kernel_size"])
+    st = bound.get("stride")
+    s = pair(st) if st not in (None, [], ()) else k
+    ph, pw = pair(bound.get("padding", 0))
+    if (
+        bound.get("ceil_mode")
+        or bound.get("return_indices")
+        or bound.get("divisor_override") is not None
+        or pair(bound.get("dilation", 1)) != (1, 1)
+    ):
+        unsupported(f"call {n.name!r} ({n.target.__name__} with ceil_mode/dilation)")
+    x, name = args[0], sanitize(n.name)
+    if is_max:
+        return g.maxpool(x, k, s, (ph, pw, ph, pw), name=name)
+    return g.avgpool(
+        x,
+        k,
+        s,
+        (ph, pw, ph, pw),
+        count_include_pad=bound.get("count_include_pad", True),
+        name=name,
+    )
+
+
+def _pad_function(g: NCHWGraph, n, args, kw, unsupported):
+    """``F.pad`` of the channel axis with zeros (a shortcut's extra channels)."""
+    pad = tuple(args[1] if len(args) > 1 else kw["pad"])
+    mode = args[2] if len(args) > 2 else kw.get("mode", "constant")
+    value = args[3] if len(args) > 3 else kw.get("value", None)
+    if mode != "constant" or value not in (None, 0, 0.0) or len(pad) != 6:
+        unsupported(f"call {n.name!r} (F.pad{pad}; only zero channel padding)")
+    if any(pad[:4]) or min(pad) < 0:
+        unsupported(f"call {n.name!r} (F.pad{pad}; only zero channel padding)")
+    x = args[0]
+    c = g.fw_shape(x)[0]
+    index = (-1,) * pad[4] + tuple(range(c)) + (-1,) * pad[5]
+    return g.select_channels(x, index, name=sanitize(n.name))
+
+
+def _arithmetic(g: NCHWGraph, n, args, kw, unsupported, torch):
+    """``a + b``, ``x + c`` or ``x * c`` (``c`` a number); None for anything else."""
+    fn, name = n.target, sanitize(n.name)
+    if fn in (operator.add, operator.iadd, torch.add):
+        a, b = args[0], args[1]
+        if kw.get("alpha", 1) != 1:
+            unsupported(f"call {n.name!r} (torch.add with alpha)")
+        if isinstance(a, Val) and isinstance(b, Val):
+            return g.add(a, b, name=name)
+        v, c = (a, b) if isinstance(a, Val) else (b, a)
+        if isinstance(c, (int, float)):
+            return g.affine(v, shift=float(c), name=name)
+    if fn in (operator.mul, torch.mul):
+        a, b = args[0], args[1]
+        v, c = (a, b) if isinstance(a, Val) else (b, a)
+        if isinstance(v, Val) and isinstance(c, (int, float)):
+            return g.affine(v, scale=float(c), name=name)
+    return None
+
+
+def _spatial_stride(index) -> int | None:
+    """``s`` for an index ``[:, :, ::s, ::s]`` (or ``[:, :]``), else None."""
+    index = index if isinstance(index, tuple) else (index,)
+    full = slice(None, None, None)
+    if len(index) not in (2, 4) or index[:2] != (full, full):
+        return None
+    if len(index) == 2:
+        return 1
+    a, b = index[2:]
+    if not (isinstance(a, slice) and isinstance(b, slice)):
+        return None
+    if a.start not in (None, 0) or b.start not in (None, 0) or a.stop or b.stop:
+        return None
+    if (a.step or 1) != (b.step or 1):
+        return None
+    return int(a.step or 1)
+
+
+class _Size(int):
+    """A traced ``x.size(0)``: only usable as the batch size of a view/reshape."""
+
+
+def method_call(g: NCHWGraph, n, args, kw, unsupported):
+    """The call of tensor method ``n.target`` on ``args[0]``."""
+    m = n.target
+    name = sanitize(n.name)
+    x = args[0] if args else None
+    if not isinstance(x, Val):
+        unsupported(f"method call {n.name!r} (.{m} on a non-tensor)")
+    if m == "size":
+        return _Size(-1)
+    if m in ("relu", "relu_"):
+        return g.relu(x, name=name)
+    if m in ("sigmoid", "sigmoid_"):
+        return g.sigmoid(x, name=name)
+    if m == "softmax":
+        dim = args[1] if len(args) > 1 else kw.get("dim")
+        return g.softmax(x, dim, name=name)
+    if m == "flatten":
+        start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
+        if start != 1 or (args[2] if len(args) > 2 else kw.get("end_dim", -1)) != -1:
+            unsupported(f"method call {n.name!r} (.flatten from dim {start})")
+        return g.flatten(x, name=name)
+    if m in ("view", "reshape"):
+        shape = args[1:]
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        total = int(np.prod(g.fw_shape(x)))
+        if (
+            len(shape) == 2
+            and (isinstance(shape[0], _Size) or shape[0] == -1)
+            and shape[1] in (-1, total)
+        ):
+            return g.flatten(x, name=name)
+        unsupported(f"method call {n.name!r} (.{m}{tuple(shape)}; only to 2-D)")
+    unsupported(f"method call {n.name!r} (.{m})")
