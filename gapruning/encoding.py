@@ -197,9 +197,17 @@ class UnitEncoding:
     name = "units"
 
     def __init__(self, space: PruneSpace, budget: Budget, prior=None):
-        self.space, self.budget = space, budget
+        self.space, self.budget, self.prior = space, budget, prior
         self.decoder = BudgetDecoder(space, budget, prior)
         self.num_genes = space.num_units
+
+    def search_start(self, init: str | None) -> tuple[jax.Array | None, float]:
+        """``(center, noise)`` of a search's first population: around the prior
+        (``init="l1"``) or unbiased (``None``), unit noise."""
+        if init not in ("l1", None):
+            raise ValueError(f"unknown init {init!r}; known: 'l1', None")
+        center = jnp.asarray(self.prior) if init == "l1" else None
+        return center, 1.0
 
     def decode(self, genome) -> dict[str, jax.Array]:
         return self.space.unflat(self.decoder(genome))
@@ -264,6 +272,12 @@ class ProfileEncoding:
         self.unit_rank = rank  # position of each unit in its group's fixed order
         self._log_position = np.log((rank + 1.0) / sizes).astype(np.float32)
         self.num_genes = len(space.groups)
+
+    def search_start(self, init: str | None) -> tuple[jax.Array, float]:
+        """``(center, noise)`` of a search's first population: every group keeps
+        the budget's ratio, small noise (``init`` has no effect)."""
+        keep = 1.0 - float(self.budget.target)
+        return jnp.full((self.num_genes,), keep, jnp.float32), 0.15
 
     def decode(self, genome) -> dict[str, jax.Array]:
         ratios = jnp.clip(jnp.asarray(genome, jnp.float32), 1e-6, 1.0)
