@@ -54,16 +54,18 @@ def _add_search_options(pr) -> None:
 
 def _add_run_options(pr) -> None:
     pr.add_argument(
-        "--chunk",
+        "--generations-per-scan",
         type=int,
         default=10,
         help="generations per jitted scan; progress and checkpoints in between",
     )
+    # the old name of --generations-per-scan
+    pr.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     pr.add_argument(
         "--checkpoint-every",
         type=int,
         default=0,
-        help="checkpoint the search every N chunks (0: never)",
+        help="checkpoint the search every N scans (0: never)",
     )
     pr.add_argument(
         "--resume", action="store_true", help="continue a killed run in --out"
@@ -168,7 +170,7 @@ def _prune_into(args, out: Path) -> None:
         probes=args.probes,
         encoding=args.encoding,
         per_group=args.per_group,
-        chunk=args.chunk,
+        **_generations_per_scan(args),
         checkpoint_every=args.checkpoint_every or 1,
         resume=args.resume,
         dtype=args.dtype,
@@ -184,6 +186,14 @@ def _prune_into(args, out: Path) -> None:
         f"pruned {net.name}: params {p['before']:,} -> {p['after']:,}, "
         f"FLOPs {f['before']:,} -> {f['after']:,}; wrote {out}/"
     )
+
+
+def _generations_per_scan(args) -> dict[str, int]:
+    """``--generations-per-scan``, or the deprecated ``--chunk`` as ``chunk=``
+    (which warns, and names ``chunk`` in its errors)."""
+    if args.chunk is None:
+        return {"generations_per_scan": args.generations_per_scan}
+    return {"chunk": args.chunk}
 
 
 def _chunk_size(text: str) -> int | str | None:
