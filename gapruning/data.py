@@ -19,18 +19,6 @@ INSTALL_HINT = (
     "install it with `apt-get install dataset-fashion-mnist` (Debian), or point "
     "GAPRUNING_DATA (or the `root` argument) at a directory holding the IDX files"
 )
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),

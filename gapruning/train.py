@@ -41,29 +41,14 @@ class TrainConfig:
     arch_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+_ADAMW_MLP = TrainConfig(
+    epochs=40, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, augment=False
+)
 # The recipes used for the shipped weights (see weights/*/model.json).
 RECIPES: dict[str, TrainConfig] = {
-    "lenet300": TrainConfig(
-        epochs=40,
-        optimizer="adamw",
-        learning_rate=1e-3,
-        weight_decay=1e-4,
-        augment=False,
-    ),
-    "paoding_mlp": TrainConfig(
-        epochs=40,
-        optimizer="adamw",
-        learning_rate=1e-3,
-        weight_decay=1e-4,
-        augment=False,
-    ),
-    "lenet5": TrainConfig(
-        epochs=40,
-        optimizer="adamw",
-        learning_rate=2e-3,
-        weight_decay=1e-4,
-        augment=True,
-    ),
+    "lenet300": _ADAMW_MLP,
+    "paoding_mlp": _ADAMW_MLP,
+    "lenet5": dataclasses.replace(_ADAMW_MLP, learning_rate=2e-3, augment=True),
     "vgg11": TrainConfig(epochs=15, learning_rate=0.05, arch_kwargs={"width": 0.5}),
     "resnet20": TrainConfig(epochs=20, learning_rate=0.1),
 }
