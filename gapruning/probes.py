@@ -19,31 +19,20 @@ Kinds (:data:`PROBE_KINDS`):
   total-variation and L2 prior; after each step the probes are clipped to the box.
 * ``"inversion"`` (for networks without BatchNorm; DeepInversion without the BN
   term, Yin et al., 2020): probe ``i`` is pushed towards class ``i mod classes``
-  (class-balanced) by label-smoothed cross-entropy, with TV/L2 priors, random
-  2-pixel jitter at every step (as DeepInversion) and a diversity term (mean
-  squared cosine similarity of penultimate features between probes of the same
-  class), so probes of one class are not all alike. The TV prior is strong
-  (10.0): in exploratory runs of the benchmarks/fitness_correlation.py protocol
-  (60 random masks per level, seed 0, 256 probes, 200 steps, 1000 test images)
-  the pooled Spearman correlation of top-1 disagreement with test accuracy went
-  from -0.560 (TV 0.01, no jitter) to -0.749 (TV 10, jitter 2) on LeNet-5 and
-  from -0.841 to -0.855 on LeNet-300-100. When the card standardizes its inputs
-  (``mean``/``std``), a moment prior pulls the batch mean and standard deviation
-  of the probes to 0 and 1, the statistics of the standardized data (weight 30);
-  without it the probes are low-contrast textures (std ~0.5). With 300 Adam steps
-  at rate 0.3 and the moment prior (the defaults), 512 probes, 200 random masks
-  per level and masks of seeds 0 and 1, top-1 disagreement went from a
-  within-level (50% removed) correlation of -0.59 / -0.69 (100 steps at 0.1, no
-  moment prior) to -0.79 / -0.85 on LeNet-5 and from -0.31 / -0.37 to -0.48 /
-  -0.52 on LeNet-300-100. On a network with BatchNorm the BN mismatch is added
-  as in DeepInversion.
+  (class-balanced) by label-smoothed cross-entropy, with a strong total-variation
+  prior, an L2 prior, random 2-pixel jitter at every step (as DeepInversion) and a
+  diversity term (mean squared cosine similarity of penultimate features between
+  probes of the same class), so probes of one class are not all alike. When the
+  card standardizes its inputs (``mean``/``std``), a moment prior pulls the batch
+  mean and standard deviation of the probes to 0 and 1, the statistics of the
+  standardized data; without it the probes are low-contrast textures. On a
+  network with BatchNorm the BN mismatch is added as in DeepInversion. How the
+  default settings were chosen, with the measurements: docs/fitness.md.
 * an array: user-supplied unlabeled inputs, validated by :func:`validate_probes`.
 
 Optimisation runs batch by batch (``batch_size`` probes share their BatchNorm
-statistics, as in ZeroQ); each batch is one jitted ``lax.scan`` over the steps.
-On XLA:CPU a scanned loop of convolutions runs slower than a Python loop of jitted
-steps (measured on LeNet-5, 256 probes, 100 steps: 9.8 s vs 8.3 s); the scan keeps
-the whole optimisation one compiled program, which is what accelerators want.
+statistics, as in ZeroQ); each batch is one jitted ``lax.scan`` over the steps, so
+the whole optimisation is one compiled program, which is what accelerators want.
 
 Caching: :func:`make_probes` keeps its results in an in-process dictionary keyed on
 the identity of the model object (``id(pretrained.model)``, checked against a weak
@@ -71,7 +60,7 @@ from .zoo import Pretrained
 PROBE_KINDS = ("gaussian", "uniform", "bn_stats", "inversion")
 
 # default optimisation settings of the optimised kinds (the inversion prior: strong
-# TV, 2-pixel jitter, moment prior on standardized inputs; see the module docstring)
+# TV, 2-pixel jitter, moment prior on standardized inputs; see docs/fitness.md)
 DEFAULT_STEPS = {"bn_stats": 100, "inversion": 300}
 DEFAULT_LEARNING_RATE = {"bn_stats": 0.1, "inversion": 0.3}
 DEFAULT_TV = {"bn_stats": 1e-2, "inversion": 10.0}
@@ -399,6 +388,27 @@ def make_probes(
         )
     if not isinstance(kind, str):
         return validate_probes(pretrained, kind)
+    num = _check_request(kind, num)
+    given = dict(
+        steps=steps,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        tv_weight=tv_weight,
+        l2_weight=l2_weight,
+        bn_weight=bn_weight,
+        diversity_weight=diversity_weight,
+        label_smoothing=label_smoothing,
+        jitter=jitter,
+        moment_weight=moment_weight,
+    )
+    cfg = _settings(pretrained, kind, num, given)
+    if not cache:
+        return _generate(pretrained, kind, num, int(seed), cfg)
+    return _cached(pretrained, kind, num, int(seed), cfg)
+
+
+def _check_request(kind: str, num) -> int:
+    """``num`` as an int, once ``kind`` and ``num`` are known to be valid."""
     if kind not in PROBE_KINDS:
         raise ProbeError(
             f"unknown probe kind {kind!r}; known: {', '.join(PROBE_KINDS)}, or an "
@@ -406,44 +416,50 @@ def make_probes(
         )
     if int(num) < 1:
         raise ProbeError(f"num must be a positive number of probes, got {num}")
-    num = int(num)
-    batch_size = min(num, 256) if batch_size is None else int(batch_size)
-    steps = DEFAULT_STEPS.get(kind, 0) if steps is None else int(steps)
-    cfg = dict(
-        steps=steps,
-        learning_rate=float(
-            DEFAULT_LEARNING_RATE.get(kind, 0.0)
-            if learning_rate is None
-            else learning_rate
-        ),
-        batch_size=batch_size,
-        tv_weight=float(DEFAULT_TV.get(kind, 0.0) if tv_weight is None else tv_weight),
-        l2_weight=float(l2_weight),
-        bn_weight=float(bn_weight),
-        diversity_weight=float(diversity_weight),
-        label_smoothing=float(label_smoothing),
-        jitter=int(DEFAULT_JITTER.get(kind, 0) if jitter is None else jitter),
-        moment_weight=float(
-            (DEFAULT_MOMENT.get(kind, 0.0) if _standardized(pretrained) else 0.0)
-            if moment_weight is None
-            else moment_weight
-        ),
+    return int(num)
+
+
+def _settings(pretrained: Pretrained, kind: str, num: int, given: dict) -> dict:
+    """The optimisation settings of :func:`make_probes` (its arguments ``given``,
+    ``None`` replaced by the per-kind default)."""
+
+    def per_kind(name: str, defaults: dict, cast):
+        value = given[name]
+        return cast(defaults.get(kind, 0) if value is None else value)
+
+    moment = DEFAULT_MOMENT if _standardized(pretrained) else {}
+    batch_size = given["batch_size"]
+    return dict(
+        steps=per_kind("steps", DEFAULT_STEPS, int),
+        learning_rate=per_kind("learning_rate", DEFAULT_LEARNING_RATE, float),
+        batch_size=min(num, 256) if batch_size is None else int(batch_size),
+        tv_weight=per_kind("tv_weight", DEFAULT_TV, float),
+        l2_weight=float(given["l2_weight"]),
+        bn_weight=float(given["bn_weight"]),
+        diversity_weight=float(given["diversity_weight"]),
+        label_smoothing=float(given["label_smoothing"]),
+        jitter=per_kind("jitter", DEFAULT_JITTER, int),
+        moment_weight=per_kind("moment_weight", moment, float),
     )
+
+
+def _cached(pretrained: Pretrained, kind: str, num: int, seed: int, cfg: dict):
+    """:func:`_generate`'s result, from the cache when an identical call made it
+    (module docstring)."""
     model = pretrained.model
     key = (
         id(model),
         kind,
         num,
-        int(seed),
+        seed,
         pretrained.input_box,
         tuple(sorted(cfg.items())) if kind in DEFAULT_STEPS else (),
     )
     hit = _CACHE.get(key)
-    if cache and hit is not None and hit[0]() is model:
+    if hit is not None and hit[0]() is model:
         return hit[1]
-    probes = _generate(pretrained, kind, num, int(seed), cfg)
-    if cache:
-        _CACHE[key] = (weakref.ref(model), probes)
+    probes = _generate(pretrained, kind, num, seed, cfg)
+    _CACHE[key] = (weakref.ref(model), probes)
     return probes
 
 

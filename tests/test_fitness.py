@@ -90,6 +90,85 @@ def test_register_metric_runs_a_user_metric_through_compose(bn_net, bn_probes):
         del F.METRICS["test_l1"]
 
 
+def test_metric_options_are_one_frozen_dataclass_per_metric():
+    """A metric's parameters are the fields of its options dataclass, defaults
+    included; compose passes overrides through it."""
+    import dataclasses
+
+    from gapruning.fitness.interval import IntervalOptions, RegionOptions
+
+    interval = F.METRICS["interval"]
+    assert interval.options is IntervalOptions
+    assert interval.defaults == {
+        "region": "box",
+        "eps": 0.05,
+        "max_probes": 64,
+        "alpha": 0.75,
+        "beta": 0.25,
+        "threshold": 0.9,
+        "normalize": True,
+    }
+    assert F.METRICS["interval_width"].defaults == dataclasses.asdict(RegionOptions())
+    assert F.METRICS["fidelity_top1"].options is None
+    assert F.METRICS["fidelity_top1"].defaults == {}
+    for metric in F.METRICS.values():
+        if metric.options is not None:
+            assert dataclasses.is_dataclass(metric.options)
+            assert metric.options.__dataclass_params__.frozen
+    with pytest.raises(F.FitnessError, match="no parameter"):
+        interval.params(gamma=1.0)
+
+
+def test_register_metric_with_options_passes_them_to_prepare_and_fn(bn_net, bn_probes):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class ScaleOptions:
+        scale: float = 1.0
+        offset: float = 0.0
+
+    seen = []
+
+    def prepare(net, x, opts):
+        seen.append(opts)
+        return {"z": net.model(x)}
+
+    def scaled_l1(cache, pruned_apply, masks, probes, opts):
+        err = jnp.abs(pruned_apply(masks, probes) - cache["z"]).mean()
+        return opts.scale * err + opts.offset
+
+    F.register_metric("test_scaled", scaled_l1, prepare, options=ScaleOptions)
+    try:
+        assert F.METRICS["test_scaled"].defaults == {"scale": 1.0, "offset": 0.0}
+        masks = stack(full_masks(bn_net.space), full_masks(bn_net.space))
+        spec = {"test_scaled": {"offset": 2.0}}
+        v = np.asarray(F.compose(bn_net, spec, probes=bn_probes)(masks))
+        assert seen[-1] == ScaleOptions(scale=1.0, offset=2.0)
+        np.testing.assert_allclose(v, 2.0, atol=1e-6)
+    finally:
+        del F.METRICS["test_scaled"]
+
+
+def test_register_metric_refuses_options_that_are_not_declarations():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Mutable:
+        a: int = 1
+
+    @dataclasses.dataclass(frozen=True)
+    class NoDefault:
+        a: int
+
+    def fn(cache, pruned_apply, masks, probes, opts):
+        return 0.0
+
+    for bad, match in ((Mutable, "frozen"), (NoDefault, "default"), (dict, "type")):
+        with pytest.raises(F.FitnessError, match=match):
+            F.register_metric("test_bad_options", fn, options=bad)
+    assert "test_bad_options" not in F.METRICS
+
+
 def test_terms_that_tap_share_one_forward_pass(bn_net, bn_probes, population):
     """Outputs and every term's declared taps come from one pass per individual
     (traced once), with the values each term has alone; a request the shared taps

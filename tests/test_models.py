@@ -155,3 +155,21 @@ def test_build_returns_an_inference_ready_model():
     first = np.asarray(net(x))
     np.testing.assert_array_equal(np.asarray(net(x)), first)
     np.testing.assert_array_equal(np.asarray(net.layers["stem_bn"].mean[...]), before)
+
+
+def test_graph_reexports_the_builder_and_runs_shape_ops():
+    """The node tuple lives in models.builder; models.graph (the executor) and
+    models export the same objects, and apply_shape_op refuses other ops."""
+    from gapruning.models import builder, graph
+
+    for name in ("GraphBuilder", "Node", "PRODUCERS", "channel_spaces", "mask_read"):
+        assert getattr(graph, name) is getattr(builder, name)
+    assert models.GraphBuilder is builder.GraphBuilder
+    g = GraphBuilder((4, 4, 2))
+    gap = g.global_avgpool(g.input)
+    nodes = g.build(g.dense(gap, 3, name="out"))
+    x = jnp.arange(32.0).reshape(1, 4, 4, 2)
+    node = next(n for n in nodes if n.name == gap)
+    np.testing.assert_allclose(graph.apply_shape_op(node, x), x.mean(axis=(1, 2)))
+    with pytest.raises(ValueError, match="not a shape op"):
+        graph.apply_shape_op(nodes[-1], x)

@@ -5,7 +5,11 @@ for ONE individual (``masks``: group -> ``(units,)`` 0/1 array, or layer ->
 kernel-shaped array for unstructured masks), lower is better; ``compose`` vmaps it
 over the population. ``cache`` holds everything that does not depend on the mask
 (the dense model's outputs on the probes, its interval bounds, its spectral
-norms...), made once by the metric's ``prepare(pretrained, probes, **params)``.
+norms...), made once by the metric's ``prepare(pretrained, probes)``. A metric with
+parameters declares them once, as a frozen dataclass whose fields carry the
+defaults (its ``options``): ``prepare`` and ``fn`` then get one instance of it as
+their last argument, ``prepare(pretrained, probes, opts)`` and
+``fn(cache, pruned_apply, masks, probes, opts)``.
 ``pruned_apply`` is a :class:`PrunedApply`: ``pruned_apply(masks, x)`` gives the
 masked network's outputs, ``pruned_apply.taps(masks, x, names)`` also returns
 intermediate tensors, ``pruned_apply.net`` is the (dense) network. A metric that
@@ -134,11 +138,13 @@ class Metric:
 
     Attributes:
         name: registry key.
-        fn: ``fn(cache, pruned_apply, masks, probes, **params) -> scalar``.
-        prepare: ``prepare(pretrained, probes, **params) -> cache`` (mask-free work,
+        fn: ``fn(cache, pruned_apply, masks, probes[, opts]) -> scalar``.
+        prepare: ``prepare(pretrained, probes[, opts]) -> cache`` (mask-free work,
             done once when composing); ``None``: the cache is ``{}``.
         description: one line for ``gapruning list``.
-        defaults: default keyword parameters (shared by ``prepare`` and ``fn``).
+        options: the metric's parameters, a frozen dataclass whose fields have
+            defaults; ``prepare`` and ``fn`` receive one instance as ``opts``
+            (``None``: the metric has no parameters and gets no ``opts``).
         needs_probes: whether the metric looks at probes at all.
         unit_masks_only: structured (group) masks only.
         degrades_with_pruning: ``True`` for quality metrics: 0 for the unpruned
@@ -153,11 +159,18 @@ class Metric:
     fn: Callable[..., jax.Array]
     prepare: Callable[..., Any] | None
     description: str
-    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    options: type | None = None
     needs_probes: bool = True
     unit_masks_only: bool = False
     degrades_with_pruning: bool = True
     taps: Callable[[Net], tuple[str, ...]] | None = None
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Default parameters, from the fields of :attr:`options`."""
+        if self.options is None:
+            return {}
+        return {f.name: f.default for f in dataclasses.fields(self.options)}
 
     def params(self, **overrides) -> dict:
         unknown = sorted(set(overrides) - set(self.defaults))
@@ -171,13 +184,32 @@ class Metric:
     def build(self, pretrained: Pretrained, probes, **overrides):
         """``(cache, fn4)``: the mask-free cache and the 4-argument metric."""
         params = self.params(**overrides)
-        cache = (
-            {} if self.prepare is None else self.prepare(pretrained, probes, **params)
-        )
-        return cache, functools.partial(self.fn, **params)
+        opts = () if self.options is None else (self.options(**params),)
+        cache = {} if self.prepare is None else self.prepare(pretrained, probes, *opts)
+
+        def fn4(cache, pruned_apply, masks, probes):
+            return self.fn(cache, pruned_apply, masks, probes, *opts)
+
+        return cache, fn4
 
 
 METRICS: dict[str, Metric] = {}
+
+
+def check_options(name: str, options: type) -> None:
+    """Raises :class:`FitnessError` unless ``options`` is a frozen dataclass type
+    whose every field has a default (a metric's parameters, see :class:`Metric`)."""
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise FitnessError(f"options of metric {name!r} must be a dataclass type")
+    if not options.__dataclass_params__.frozen:
+        raise FitnessError(f"options of metric {name!r} must be a frozen dataclass")
+    missing = [
+        f.name for f in dataclasses.fields(options) if f.default is dataclasses.MISSING
+    ]
+    if missing:
+        raise FitnessError(
+            f"options of metric {name!r} need a default for every field: {missing}"
+        )
 
 
 def register_metric(
@@ -186,7 +218,7 @@ def register_metric(
     prepare: Callable[..., Any] | None = None,
     *,
     description: str = "",
-    defaults: Mapping[str, Any] | None = None,
+    options: type | None = None,
     needs_probes: bool = True,
     unit_masks_only: bool = False,
     degrades_with_pruning: bool = True,
@@ -194,6 +226,10 @@ def register_metric(
     overwrite: bool = False,
 ) -> Metric:
     """Adds a metric to :data:`METRICS` (see :class:`Metric` for the arguments).
+
+    Raises:
+        FitnessError: ``name`` is taken (unless ``overwrite``), or ``options`` is
+            not a frozen dataclass whose every field has a default.
 
     Example:
         >>> def l2(cache, pruned_apply, masks, probes):
@@ -203,6 +239,8 @@ def register_metric(
     """
     if name in METRICS and not overwrite:
         raise FitnessError(f"metric {name!r} is already registered")
+    if options is not None:
+        check_options(name, options)
     if not description:
         doc = (fn.__doc__ or "").strip()
         description = doc.splitlines()[0] if doc else name
@@ -211,7 +249,7 @@ def register_metric(
         fn,
         prepare,
         description,
-        dict(defaults or {}),
+        options,
         needs_probes,
         unit_masks_only,
         degrades_with_pruning,
@@ -228,8 +266,8 @@ def _forward(graphdef, state, x):
 
 def dense_logits(pretrained: Pretrained, probes, batch_size: int = 1024):
     """The dense model's outputs on the probes (checked to be finite). Jitted once
-    per architecture and batch shape: op by op, ResNet-20 on 256 probes took 5.1 s
-    instead of 0.85 s with compilation."""
+    per architecture and batch shape, which is much faster than running op by op
+    (docs/fitness.md)."""
     net = pretrained.model if isinstance(pretrained, Pretrained) else pretrained
     graphdef, state = nnx.split(net)
     out = jnp.concatenate(
@@ -244,8 +282,3 @@ def dense_logits(pretrained: Pretrained, probes, batch_size: int = 1024):
             "weights and the probes' range"
         )
     return out
-
-
-def finite_or_inf(value: jax.Array) -> jax.Array:
-    """``value`` where finite, else ``+inf`` (never NaN)."""
-    return jnp.where(jnp.isfinite(value), value, jnp.inf)

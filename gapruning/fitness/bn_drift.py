@@ -19,6 +19,8 @@ a pruned network happens to match the running statistics better).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from ..probes import batchnorm_nodes, bn_batch_stats, running_stats, stats_distance
@@ -26,22 +28,34 @@ from ..space import PruneSpace
 from .base import FitnessError, register_metric
 
 
-def _prepare(pretrained, probes, reference="dense"):
+@dataclasses.dataclass(frozen=True)
+class BNDriftOptions:
+    """Options of the ``bn_drift`` metric.
+
+    Attributes:
+        reference: ``"dense"`` (the dense network's batch statistics on the
+            probes) or ``"running"`` (the stored running statistics).
+    """
+
+    reference: str = "dense"
+
+
+def _prepare(pretrained, probes, opts: BNDriftOptions):
     net = pretrained.model
     if not batchnorm_nodes(net):
         raise FitnessError(
             f"bn_drift needs BatchNorm layers; {pretrained.name} has none "
             "(use 'fidelity' or 'interval' instead)"
         )
-    if reference not in ("dense", "running"):
+    if opts.reference not in ("dense", "running"):
         raise FitnessError(
-            f"bn_drift reference must be 'dense' or 'running', got {reference!r}"
+            f"bn_drift reference must be 'dense' or 'running', got {opts.reference!r}"
         )
     stats = bn_batch_stats(net, probes)
     return {"dense": {k: (m, v) for k, (m, v) in stats.items()}}
 
 
-def bn_drift(cache, pruned_apply, masks, probes, reference="dense"):
+def bn_drift(cache, pruned_apply, masks, probes, opts: BNDriftOptions):
     """Standardized distance of the pruned BN batch statistics to the reference.
 
     ``BND = mean_l sum_c m_c [(mu'_c - mu_c)^2 + (s'_c - s_c)^2] / (v_c + eps)
@@ -60,7 +74,7 @@ def bn_drift(cache, pruned_apply, masks, probes, reference="dense"):
         if g is not None:
             weights[n.name] = jnp.asarray(masks[g], jnp.float32)
     stats = bn_batch_stats(pruned_apply.model(masks), probes)
-    if reference == "dense":
+    if opts.reference == "dense":
         ref = {k: (m, v, running[k][2]) for k, (m, v) in cache["dense"].items()}
         return stats_distance(stats, ref, weights, normalizer=running)
     return stats_distance(stats, running, weights) - stats_distance(
@@ -75,6 +89,6 @@ register_metric(
     description=(
         "standardized drift of BatchNorm batch statistics on probes (needs BatchNorm)"
     ),
-    defaults={"reference": "dense"},
+    options=BNDriftOptions,
     unit_masks_only=True,
 )

@@ -36,15 +36,10 @@ from ..zoo import Pretrained
 from .base import METRICS, FitnessError, PrunedApply, dense_logits
 
 # The composite ``gp.prune`` uses (``compose(net, "default")``: normalized, log
-# combination), chosen on Spearman correlations with real test accuracy of random
-# masks on LeNet-5 and LeNet-300-100 (benchmarks/fitness_correlation.py with masks
-# of seeds 0 and 1; the shipped results use masks of seed 2, which played no part
-# in the choice; README, "Which data-free signal to trust"). Output agreement on
-# inversion probes (top-1, KL) and the layer-wise feature error track accuracy
-# within a pruning level, the probe-free Lipschitz term separates pruning levels.
-# The log combination beat the plain normalized sum on both models and both seeds
-# (LeNet-5 pooled -0.832 / -0.806 vs -0.824 / -0.791 on seeds 0 / 1); no single
-# metric is best in every column.
+# combination): output agreement on probes (top-1, KL) and the layer-wise feature
+# error track accuracy within a pruning level, the probe-free Lipschitz term
+# separates pruning levels. How it was chosen, and how well it tracks real test
+# accuracy: docs/fitness.md.
 DEFAULT_SPEC: dict[str, Any] = {
     "fidelity_top1": 1.0,
     "fidelity": {"weight": 0.5, "temperature": 1.0},
@@ -202,9 +197,8 @@ class Fitness:
 
     def _consts(self):
         """Probes and caches behind an optimization barrier: inside ``jit`` they
-        are constants, and XLA would otherwise spend minutes constant-folding the
-        mask-free part of the forward passes (measured: 47 s for FGSM on 128
-        probes through LeNet-5)."""
+        are constants, and XLA would otherwise spend a long time constant-folding
+        the mask-free part of the forward passes (docs/fitness.md)."""
         return jax.lax.optimization_barrier(
             (self.probes, [cache for _, cache, _ in self._fns])
         )

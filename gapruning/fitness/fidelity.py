@@ -11,6 +11,8 @@ probes made from the model alone.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -18,18 +20,41 @@ from ..models.graph import PRODUCERS, mask_read
 from .base import FitnessError, dense_logits, register_metric
 
 
-def _prepare(pretrained, probes, **_):
+@dataclasses.dataclass(frozen=True)
+class KLOptions:
+    """Options of the ``fidelity`` (KL) metric.
+
+    Attributes:
+        temperature: softmax temperature ``T``.
+    """
+
+    temperature: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureOptions:
+    """Options of the ``fidelity_features`` metric.
+
+    Attributes:
+        max_probes: how many probes the feature error is measured on.
+    """
+
+    max_probes: int = 128
+
+
+def _prepare(pretrained, probes, opts=None):
+    """The dense logits (``opts``, when the metric has any, are not needed)."""
     return {"logits": dense_logits(pretrained, probes)}
 
 
-def kl_fidelity(cache, pruned_apply, masks, probes, temperature: float = 4.0):
+def kl_fidelity(cache, pruned_apply, masks, probes, opts: KLOptions):
     """KL(dense || pruned) of temperature-softened softmax outputs, times T^2.
 
     ``F = T^2 / B * sum_b sum_c p_c(z_b / T) [log p_c(z_b / T) - log p_c(z'_b / T)]``
     with ``z`` the dense and ``z'`` the pruned logits on probe ``b``, ``p`` the
     softmax (Hinton et al., 2015). 0 iff the softened outputs agree on every probe.
     """
-    t = float(temperature)
+    t = float(opts.temperature)
     z = cache["logits"]
     zp = pruned_apply(masks, probes)
     logp = jax.nn.log_softmax(z / t, axis=-1)
@@ -76,16 +101,16 @@ def _feature_tensors(net) -> dict[str, str | None]:
     return out
 
 
-def _prepare_features(pretrained, probes, max_probes=128):
+def _prepare_features(pretrained, probes, opts: FeatureOptions):
     net = pretrained.model
     tensors = _feature_tensors(net)
     if not tensors:
         raise FitnessError("fidelity_features needs at least two Dense/Conv layers")
-    _, feats = net(probes[:max_probes], taps=tuple(tensors))
+    _, feats = net(probes[: opts.max_probes], taps=tuple(tensors))
     return {"feats": feats}
 
 
-def feature_fidelity(cache, pruned_apply, masks, probes, max_probes=128):
+def feature_fidelity(cache, pruned_apply, masks, probes, opts: FeatureOptions):
     """Relative reconstruction error of every layer's input features.
 
     ``F = 1/L sum_l ||m_l * h'_l - h_l||^2 / ||h_l||^2`` over the inputs ``h_l`` of
@@ -105,7 +130,7 @@ def feature_fidelity(cache, pruned_apply, masks, probes, max_probes=128):
     errs = []
     for name, h in dense.items():
         axes = tuple(range(h.ndim - 1))
-        kept_err = jnp.sum((feats[name][:max_probes] - h) ** 2, axis=axes)
+        kept_err = jnp.sum((feats[name][: opts.max_probes] - h) ** 2, axis=axes)
         removed_err = jnp.sum(h**2, axis=axes)
         group = groups[name]
         m = 1.0 if group is None else jnp.asarray(masks[group], h.dtype)
@@ -119,7 +144,7 @@ register_metric(
     kl_fidelity,
     _prepare,
     description="KL(dense || pruned) of softened outputs on probes (temperature T)",
-    defaults={"temperature": 4.0},
+    options=KLOptions,
 )
 register_metric(
     "fidelity_top1",
@@ -140,6 +165,6 @@ register_metric(
     description=(
         "relative reconstruction error of every layer's input features on probes"
     ),
-    defaults={"max_probes": 128},
+    options=FeatureOptions,
     taps=lambda net: tuple(_feature_tensors(net)),
 )

@@ -45,6 +45,7 @@ pruned output lies in ``[l + dl, u + du]``, whose width exceeds the dense width
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..models import Net, Node
-from ..models.graph import apply_pool
+from ..models.graph import apply_pool, apply_shape_op
 from ..models.masked_layers import conv_op
 from ..zoo import Pretrained
 from .base import FitnessError, register_metric
@@ -113,22 +114,6 @@ def linear_bound(n: Node, p: dict, x, *, absolute: bool, bias: bool):
     if bias and "bias" in p:
         y = y + p["bias"]
     return y
-
-
-def _shape_op(n: Node, x):
-    """Linear, parameter-free ops with nonnegative coefficients."""
-    if n.op == "avgpool":
-        return apply_pool(x, n, "avg")
-    if n.op == "global_avgpool":
-        return x.mean(axis=(1, 2))
-    if n.op == "flatten":
-        return x.reshape(x.shape[0], -1)
-    if n.op == "channel_map":
-        s, index = n.attr("stride"), jnp.asarray(n.attr("index"))
-        x = x[:, ::s, ::s, :]
-        picked = jnp.take(x, jnp.maximum(index, 0), axis=-1)
-        return jnp.where(index >= 0, picked, 0.0)
-    raise AssertionError(n.op)
 
 
 def _mask_of(masks: Mapping | None, n: Node, dtype):
@@ -198,7 +183,7 @@ def propagate_bounds(
                 y = (sum(p[0] for p in parts), sum(p[1] for p in parts))
             else:
                 c, r = (a + b) / 2, (b - a) / 2
-                cc, rr = _shape_op(n, c), _shape_op(n, r)
+                cc, rr = apply_shape_op(n, c), apply_shape_op(n, r)
                 y = (cc - rr, cc + rr)
         vals[n.name] = y
         if keep is None or n.name in keep:
@@ -298,7 +283,7 @@ def impact_bounds(net: Net, masks: Mapping, dense: dict):
             parts = [vals[i] for i in n.inputs]
             y = (sum(p[0] for p in parts), sum(p[1] for p in parts))
         else:
-            y = (_shape_op(n, c), _shape_op(n, r))
+            y = (apply_shape_op(n, c), apply_shape_op(n, r))
         vals[n.name] = y
     c, r = vals[net.nodes[-1].name]
     return c - r, c + r
@@ -321,34 +306,58 @@ def paoding_entropy(lo, hi, threshold: float = 0.9):
     return -(p * jnp.log(p)).sum(-1)
 
 
-def _region(pretrained: Pretrained, probes, region: str, eps: float, max_probes: int):
+@dataclasses.dataclass(frozen=True)
+class RegionOptions:
+    """The input region of the interval metrics.
+
+    Attributes:
+        region: ``"box"`` (the whole input box) or ``"probes"`` (boxes of
+            half-width ``eps`` around the first ``max_probes`` probes).
+        eps: half-width of the probe boxes, in pixel units.
+        max_probes: how many probes ``region="probes"`` uses.
+    """
+
+    region: str = "box"
+    eps: float = 0.05
+    max_probes: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class IntervalOptions(RegionOptions):
+    """Options of Paoding's ``interval`` score (module docstring).
+
+    Attributes:
+        alpha, beta: weights of ``sigmoid(L)`` and ``sigmoid(ENT)``.
+        threshold: similarity threshold of the interval entropy.
+        normalize: divide ``L`` by the dense output interval width.
+    """
+
+    alpha: float = 0.75
+    beta: float = 0.25
+    threshold: float = 0.9
+    normalize: bool = True
+
+
+def _region(pretrained: Pretrained, probes, opts: RegionOptions):
     lo, hi = pretrained.input_box
-    if region == "box":
+    if opts.region == "box":
         shape = (1, *pretrained.input_shape)
         return jnp.full(shape, lo, jnp.float32), jnp.full(shape, hi, jnp.float32)
-    if region == "probes":
+    if opts.region == "probes":
         if probes is None:
             raise FitnessError("interval region='probes' needs probes")
-        x = probes[:max_probes]
-        e = float(eps) / pretrained.std
+        x = probes[: opts.max_probes]
+        e = float(opts.eps) / pretrained.std
         return jnp.clip(x - e, lo, hi), jnp.clip(x + e, lo, hi)
-    raise FitnessError(f"interval region must be 'box' or 'probes', got {region!r}")
+    raise FitnessError(
+        f"interval region must be 'box' or 'probes', got {opts.region!r}"
+    )
 
 
-def _prepare(
-    pretrained,
-    probes,
-    region="box",
-    eps=0.05,
-    max_probes=64,
-    alpha=0.75,
-    beta=0.25,
-    threshold=0.9,
-    normalize=True,
-):
+def _prepare(pretrained, probes, opts: RegionOptions):
     net = pretrained.model
     _check_ops(net)
-    lo, hi = _region(pretrained, probes, region, eps, max_probes)
+    lo, hi = _region(pretrained, probes, opts)
     keep = _needed(net)
     dense = jax.jit(lambda lo, hi: propagate_bounds(net, lo, hi, keep=keep))(lo, hi)
     out_lo, out_hi = dense[net.nodes[-1].name]
@@ -364,19 +373,7 @@ def _impact(cache, pruned_apply, masks):
     return impact_bounds(pruned_apply.net, masks, cache["dense"])
 
 
-def paoding_interval(
-    cache,
-    pruned_apply,
-    masks,
-    probes,
-    region="box",
-    eps=0.05,
-    max_probes=64,
-    alpha=0.75,
-    beta=0.25,
-    threshold=0.9,
-    normalize=True,
-):
+def paoding_interval(cache, pruned_apply, masks, probes, opts: IntervalOptions):
     """Paoding's score ``alpha sigmoid(L) + beta sigmoid(ENT) - (alpha + beta) / 2``.
 
     ``L`` is the summed output impact-interval width (divided by the dense output
@@ -385,16 +382,15 @@ def paoding_interval(
     """
     dl, du = _impact(cache, pruned_apply, masks)
     big_l = (du - dl).sum(-1)
-    if normalize:
+    if opts.normalize:
         big_l = big_l / cache["width"]
-    ent = paoding_entropy(dl, du, threshold)
+    ent = paoding_entropy(dl, du, opts.threshold)
+    alpha, beta = opts.alpha, opts.beta
     score = alpha * jax.nn.sigmoid(big_l) + beta * jax.nn.sigmoid(ent)
     return (score - (alpha + beta) / 2).mean()
 
 
-def interval_width(
-    cache, pruned_apply, masks, probes, region="box", eps=0.05, max_probes=64
-):
+def interval_width(cache, pruned_apply, masks, probes, opts: RegionOptions):
     """Growth of the output interval width relative to the dense network.
 
     ``W = sum_c (du_c - dl_c) / sum_c (u_c - l_c)``: the pruned outputs lie in
@@ -412,24 +408,16 @@ register_metric(
         "Paoding: alpha*sigmoid(L)+beta*sigmoid(ENT) of the output impact "
         "intervals from the input box"
     ),
-    defaults={
-        "region": "box",
-        "eps": 0.05,
-        "max_probes": 64,
-        "alpha": 0.75,
-        "beta": 0.25,
-        "threshold": 0.9,
-        "normalize": True,
-    },
+    options=IntervalOptions,
     needs_probes=False,
     unit_masks_only=True,
 )
 register_metric(
     "interval_width",
     interval_width,
-    lambda pretrained, probes, **kw: _prepare(pretrained, probes, **kw),
+    _prepare,
     description="growth of the output interval width over the dense model's",
-    defaults={"region": "box", "eps": 0.05, "max_probes": 64},
+    options=RegionOptions,
     needs_probes=False,
     unit_masks_only=True,
 )

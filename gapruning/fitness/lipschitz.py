@@ -25,6 +25,8 @@ each masked estimate starts from the masked dense vector (``iterations`` steps).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,12 +104,25 @@ def _out_mask(group, masks, n, dtype):
     return jnp.asarray(masks[group], dtype)
 
 
-def _prepare(pretrained, probes, iterations=20, seed=0):
+@dataclasses.dataclass(frozen=True)
+class LipschitzOptions:
+    """Options of the ``lipschitz`` metric.
+
+    Attributes:
+        iterations: power-iteration steps of each masked estimate.
+        seed: randomness of the dense power iterations' start vectors.
+    """
+
+    iterations: int = 20
+    seed: int = 0
+
+
+def _prepare(pretrained, probes, opts: LipschitzOptions):
     net = pretrained.model
     params = layer_params(net)
     by_name = {n.name: n for n in net.nodes}
     layers = _layers(net)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(opts.seed)
     starts = [
         jnp.asarray(rng.normal(size=(1, *in_shape)), jnp.float32)
         for _, in_shape, _, _, _ in layers
@@ -128,7 +143,7 @@ def _prepare(pretrained, probes, iterations=20, seed=0):
             )
             _, v = _power(apply, v0, 100)
             # the dense reference runs exactly what a full mask runs in lipschitz()
-            sigma, _ = _power(apply, _start(v, ones), int(iterations))
+            sigma, _ = _power(apply, _start(v, ones), int(opts.iterations))
             sigmas.append(sigma)
             vectors.append(v)
         return jnp.log(jnp.stack(sigmas) + 1e-30), vectors
@@ -137,7 +152,7 @@ def _prepare(pretrained, probes, iterations=20, seed=0):
     return {"log_sigma": log_sigma, "v": vectors}
 
 
-def lipschitz(cache, pruned_apply, masks, probes, iterations=20, seed=0):
+def lipschitz(cache, pruned_apply, masks, probes, opts: LipschitzOptions):
     """``sum_l log sigma_l(dense) - log sigma_l(masked)`` (>= 0, 0 unpruned).
 
     ``sigma_l`` is the spectral norm of layer ``l`` as an operator with its input
@@ -159,7 +174,7 @@ def lipschitz(cache, pruned_apply, masks, probes, iterations=20, seed=0):
             m_in,
             m_out,
         )
-        sigma, _ = _power(apply, _start(v, m_in), int(iterations))
+        sigma, _ = _power(apply, _start(v, m_in), int(opts.iterations))
         logs.append(jnp.log(sigma + 1e-30))
     return jnp.sum(cache["log_sigma"] - jnp.stack(logs))
 
@@ -172,7 +187,7 @@ register_metric(
         "log-ratio of the product of per-layer spectral norms, dense over masked "
         "(power iteration)"
     ),
-    defaults={"iterations": 20, "seed": 0},
+    options=LipschitzOptions,
     needs_probes=False,
     unit_masks_only=True,
 )

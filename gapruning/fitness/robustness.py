@@ -20,6 +20,8 @@ Gaussian probes LeNet-5 flips on every probe at eps 0.05), so ``eps="auto"``
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,6 +33,29 @@ from .base import FitnessError, dense_logits, register_metric
 # robust_share of the probes
 AUTO_START = 0.05
 AUTO_HALVINGS = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class RobustnessOptions:
+    """Options of the ``robustness`` metric.
+
+    Attributes:
+        eps: attack radius in pixel units, or ``"auto"`` (module docstring).
+        attack: ``"fgsm"`` or ``"pgd"``.
+        steps: PGD steps.
+        source: ``"pruned"`` (attack the network scored) or ``"dense"`` (a
+            transfer attack on the dense network, computed once).
+        weight: weight of the margin drop against the flip rate.
+        robust_share: with ``eps="auto"``, the share of probes on which the
+            dense network must keep its prediction.
+    """
+
+    eps: float | str = "auto"
+    attack: str = "fgsm"
+    steps: int = 5
+    source: str = "pruned"
+    weight: float = 1.0
+    robust_share: float = 0.5
 
 
 def _attack(logits_fn, x, y, eps, lo, hi, attack: str, steps: int):
@@ -62,16 +87,9 @@ def _adv_predictions(logits_fn, x, y, eps, lo, hi, attack, steps, x_adv=None):
     return x_adv, logits_fn(x_adv)
 
 
-def _prepare(
-    pretrained,
-    probes,
-    eps="auto",
-    attack="fgsm",
-    steps=5,
-    source="pruned",
-    weight=1.0,
-    robust_share=0.5,
-):
+def _prepare(pretrained, probes, opts: RobustnessOptions):
+    attack, steps, source = opts.attack, opts.steps, opts.source
+    eps, robust_share = opts.eps, opts.robust_share
     if attack not in ("fgsm", "pgd"):
         raise FitnessError(f"robustness attack must be 'fgsm' or 'pgd', got {attack!r}")
     if source not in ("pruned", "dense"):
@@ -122,18 +140,7 @@ def _prepare(
     return cache
 
 
-def robustness(
-    cache,
-    pruned_apply,
-    masks,
-    probes,
-    eps="auto",
-    attack="fgsm",
-    steps=5,
-    source="pruned",
-    weight=1.0,
-    robust_share=0.5,
-):
+def robustness(cache, pruned_apply, masks, probes, opts: RobustnessOptions):
     """Robustness lost on the probes where the dense network is robust.
 
     With ``y_b`` the dense prediction on probe ``b``, ``x~_b`` its adversarial
@@ -162,14 +169,14 @@ def robustness(
         cache["eps"],
         lo,
         hi,
-        attack,
-        int(steps),
+        opts.attack,
+        int(opts.steps),
         cache.get("x_adv"),
     )
     y, robust = cache["y"], cache["robust"]
     flip = (adv.argmax(-1) != y).astype(jnp.float32)
     drop = jax.nn.relu(cache["margin"] - _margin(adv, y))
-    score = ((flip + weight * drop) * robust).sum() / robust.sum()
+    score = ((flip + opts.weight * drop) * robust).sum() / robust.sum()
     return jnp.where(jnp.all(jnp.isfinite(adv)), score, jnp.nan)
 
 
@@ -181,12 +188,5 @@ register_metric(
         "pruned flip rate + margin drop under FGSM/PGD on probes where the dense "
         "model is robust (labels = dense predictions)"
     ),
-    defaults={
-        "eps": "auto",
-        "attack": "fgsm",
-        "steps": 5,
-        "source": "pruned",
-        "weight": 1.0,
-        "robust_share": 0.5,
-    },
+    options=RobustnessOptions,
 )

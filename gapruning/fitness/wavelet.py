@@ -32,6 +32,8 @@ score is one scalar for the whole network instead of a per-stage fitness.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -82,7 +84,18 @@ def _tensors(net) -> dict[str, str]:
     return out
 
 
-def _prepare(pretrained, probes, gamma=0.5):
+@dataclasses.dataclass(frozen=True)
+class WaveletOptions:
+    """Options of the ``wavelet`` metric.
+
+    Attributes:
+        gamma: weight of the redundancy term against representativeness.
+    """
+
+    gamma: float = 0.5
+
+
+def _prepare(pretrained, probes, opts: WaveletOptions):
     net = pretrained.model
     tensors = _tensors(net)
     if not tensors:
@@ -108,7 +121,7 @@ def _prepare(pretrained, probes, gamma=0.5):
     return cache
 
 
-def wavelet(cache, pruned_apply, masks, probes, gamma=0.5):
+def wavelet(cache, pruned_apply, masks, probes, opts: WaveletOptions):
     """``mean_g [R_g + gamma * max(0, rho_g(m) - rho_g(1))]`` (module docstring)."""
     tensors = _tensors(pruned_apply.net)
     _, feats = pruned_apply.taps(masks, probes, tuple(tensors.values()))
@@ -122,7 +135,7 @@ def wavelet(cache, pruned_apply, masks, probes, gamma=0.5):
         ref = cache[g]["agg"]
         rep = (jnp.abs(agg - ref).sum(-1) / (ref.sum(-1) + 1e-12)).mean()
         rho = m @ cache[g]["gram"] @ m / jnp.maximum(k * (k - 1), 1.0)
-        scores.append(rep + gamma * jax.nn.relu(rho - cache[g]["rho"]))
+        scores.append(rep + opts.gamma * jax.nn.relu(rho - cache[g]["rho"]))
     return sum(scores) / len(scores)
 
 
@@ -134,7 +147,7 @@ register_metric(
         "GWCS-style Haar sub-band energy aggregation of kept conv channels: "
         "representativeness + redundancy"
     ),
-    defaults={"gamma": 0.5},
+    options=WaveletOptions,
     unit_masks_only=True,
     taps=lambda net: tuple(_tensors(net).values()),
 )
