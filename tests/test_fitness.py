@@ -149,6 +149,30 @@ def test_register_metric_with_options_passes_them_to_prepare_and_fn(bn_net, bn_p
         del F.METRICS["test_scaled"]
 
 
+def test_register_metric_still_takes_keyword_defaults(bn_net, bn_probes):
+    """The old ``defaults=`` form warns and behaves as before: ``prepare`` and
+    ``fn`` get the parameters as keywords."""
+
+    def prepare(net, x, offset):
+        return {"z": net.model(x), "offset": offset}
+
+    def shifted_l1(cache, pruned_apply, masks, probes, offset):
+        err = jnp.abs(pruned_apply(masks, probes) - cache["z"]).mean()
+        return err + offset + 0 * cache["offset"]
+
+    with pytest.warns(DeprecationWarning, match="defaults"):
+        F.register_metric("test_old", shifted_l1, prepare, defaults={"offset": 1.0})
+    try:
+        assert F.METRICS["test_old"].defaults == {"offset": 1.0}
+        masks = stack(full_masks(bn_net.space), full_masks(bn_net.space))
+        v = np.asarray(
+            F.compose(bn_net, {"test_old": {"offset": 3.0}}, probes=bn_probes)(masks)
+        )
+        np.testing.assert_allclose(v, 3.0, atol=1e-6)
+    finally:
+        del F.METRICS["test_old"]
+
+
 def test_register_metric_refuses_options_that_are_not_declarations():
     import dataclasses
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -224,6 +225,7 @@ def register_metric(
     degrades_with_pruning: bool = True,
     taps: Callable[[Net], tuple[str, ...]] | None = None,
     overwrite: bool = False,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Metric:
     """Adds a metric to :data:`METRICS` (see :class:`Metric` for the arguments).
 
@@ -239,6 +241,8 @@ def register_metric(
     """
     if name in METRICS and not overwrite:
         raise FitnessError(f"metric {name!r} is already registered")
+    if defaults is not None:
+        fn, prepare, options = _from_defaults(name, fn, prepare, options, defaults)
     if options is not None:
         check_options(name, options)
     if not description:
@@ -257,6 +261,26 @@ def register_metric(
     )
     METRICS[name] = metric
     return metric
+
+
+def _from_defaults(name, fn, prepare, options, defaults):
+    """The deprecated ``defaults=`` form (keyword parameters of ``fn`` and
+    ``prepare``) as an ``options`` dataclass with wrappers that unpack it."""
+    warnings.warn(
+        "register_metric(defaults=) is deprecated; declare options= as a frozen "
+        "dataclass",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if options is not None:
+        raise FitnessError(f"metric {name!r}: give options= or defaults=, not both")
+    fields = [(k, Any, dataclasses.field(default=v)) for k, v in defaults.items()]
+    options = dataclasses.make_dataclass(f"{name}_options", fields, frozen=True)
+
+    def unpacked(f):
+        return lambda *args: f(*args[:-1], **dataclasses.asdict(args[-1]))
+
+    return unpacked(fn), prepare and unpacked(prepare), options
 
 
 @functools.partial(jax.jit, static_argnums=0)
