@@ -1,5 +1,6 @@
-"""Data-free recovery: merging compensation (cosine / least squares) and
-distillation on probes, checked against float64 loop references."""
+"""Data-free recovery: repair (Neuron Merging / least squares) and distillation
+on probes, checked against float64 loop references; the deprecated names still
+give the same results."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _inputs(net, num=64, seed=1):
     )
 
 
-def test_cosine_merge_exact_for_positive_multiple_dense():
+def test_merge_exact_for_positive_multiple_dense():
     net = tiny_mlp()
     fc1 = net.model.layers["fc1"]
     fc1.kernel[...] = fc1.kernel[...].at[:, 5].set(2.5 * fc1.kernel[...][:, 2])
@@ -70,7 +71,7 @@ def test_cosine_merge_exact_for_positive_multiple_dense():
     dense = net.model(x)
     unrepaired = gp.masked_apply(net, masks, x)
     assert float(jnp.abs(unrepaired - dense).max()) > 1e-2  # the unit mattered
-    repaired = recover.merge(net, masks, method="cosine")
+    repaired = recover.repair(net, masks, method="merge")
     np.testing.assert_allclose(
         gp.masked_apply(repaired, masks, x), dense, rtol=1e-5, atol=1e-5
     )
@@ -79,7 +80,7 @@ def test_cosine_merge_exact_for_positive_multiple_dense():
     assert small.model.layers["fc2"].kernel[...].shape == (7, 6)
 
 
-def test_cosine_merge_exact_in_post_batchnorm_space():
+def test_merge_exact_in_post_batchnorm_space():
     """Channel 4 has the same conv kernel as channel 1 but 1.7x the BN scale and
     shift: only merging in the post-BN space (scale 1.7, not 1) is exact."""
     net = tiny_conv_bn()
@@ -91,7 +92,7 @@ def test_cosine_merge_exact_in_post_batchnorm_space():
         v[...] = v[...].at[4].set(factor * v[...][1])
     masks = {"c1": np.array([1, 1, 1, 1, 0], bool)}
     x = _inputs(net)
-    repaired = recover.merge(net, masks)
+    repaired = recover.repair(net, masks)
     np.testing.assert_allclose(
         gp.masked_apply(repaired, masks, x), net.model(x), rtol=1e-5, atol=1e-5
     )
@@ -211,7 +212,7 @@ def test_sequential_lstsq_matches_float64_layer_by_layer_reference():
         if name == "fc2":
             dense_in = relu(h1 @ p["fc2"][0] + p["fc2"][1])
             pruned_in = relu(np.hstack([h1 * masks["fc1"], ones]) @ fit)
-    repaired = recover.merge(
+    repaired = recover.repair(
         net, masks, jnp.asarray(x, jnp.float32), "lstsq", prior="dense", ridge=0.01
     )
     assert repaired.card["repair"]["sequential"] is True
@@ -234,10 +235,10 @@ def test_sequential_lstsq_first_consumer_as_parallel_and_output_closer(make):
     masks = {g: np.asarray(m, bool) for g, m in masks.items()}
     probes = gp.make_probes(net, "gaussian", 256, seed=0)
     held_out = gp.make_probes(net, "gaussian", 256, seed=7)
-    seq = recover.merge(net, masks, probes, "lstsq")
-    par = recover.merge(net, masks, probes, "lstsq", sequential=False)
+    seq = recover.repair(net, masks, probes, "lstsq")
+    par = recover.repair(net, masks, probes, "lstsq", sequential=False)
     assert par.card["repair"]["sequential"] is False
-    first = recover.consumers(net.model)[0].layer
+    first = gp.models.consumers(net.model)[0].layer
     np.testing.assert_allclose(
         seq.model.layers[first].kernel[...],
         par.model.layers[first].kernel[...],
@@ -252,7 +253,7 @@ def test_sequential_lstsq_first_consumer_as_parallel_and_output_closer(make):
     assert error(seq) < error(net)
 
 
-def test_lstsq_with_cosine_prior_interpolates_merge_and_lstsq():
+def test_lstsq_with_merge_prior_interpolates_merge_and_lstsq():
     """A huge ridge gives Neuron Merging, a tiny one plain least squares."""
     net = tiny_mlp()
     masks = {"fc1": np.array([1, 0, 1, 1, 0, 1, 1, 0], bool), "fc2": np.ones(6, bool)}
@@ -262,15 +263,15 @@ def test_lstsq_with_cosine_prior_interpolates_merge_and_lstsq():
     def out(repaired):
         return gp.masked_apply(repaired, masks, x)
 
-    cosine = out(recover.merge(net, masks))
-    far = out(recover.merge(net, masks, prior="cosine", ridge=1e7, **opts))
-    np.testing.assert_allclose(far, cosine, rtol=1e-3, atol=1e-3)
-    near = out(recover.merge(net, masks, prior="cosine", ridge=1e-7, **opts))
-    plain = out(recover.merge(net, masks, prior="dense", ridge=1e-7, **opts))
+    merged = out(recover.repair(net, masks))
+    far = out(recover.repair(net, masks, prior="merge", ridge=1e7, **opts))
+    np.testing.assert_allclose(far, merged, rtol=1e-3, atol=1e-3)
+    near = out(recover.repair(net, masks, prior="merge", ridge=1e-7, **opts))
+    plain = out(recover.repair(net, masks, prior="dense", ridge=1e-7, **opts))
     np.testing.assert_allclose(near, plain, rtol=1e-3, atol=1e-3)
-    assert float(jnp.abs(cosine - plain).max()) > 1e-2  # the two ends differ
+    assert float(jnp.abs(merged - plain).max()) > 1e-2  # the two ends differ
     with pytest.raises(recover.RecoverError, match="prior"):
-        recover.merge(net, masks, prior="mean", **opts)
+        recover.repair(net, masks, prior="mean", **opts)
 
 
 def _consumer_error(dense_net, pretrained, masks, x, layers):
@@ -291,8 +292,8 @@ def test_lstsq_reduces_next_layer_error_on_held_out_probes(make):
     masks = {g: np.asarray(m, bool) for g, m in masks.items()}
     fit_probes = gp.make_probes(net, "gaussian", 256, seed=0)
     held_out = gp.make_probes(net, "gaussian", 256, seed=7)
-    repaired = recover.merge(net, masks, probes=fit_probes, method="lstsq")
-    layers = tuple(c.layer for c in recover.consumers(net.model))
+    repaired = recover.repair(net, masks, probes=fit_probes, method="lstsq")
+    layers = tuple(c.layer for c in gp.models.consumers(net.model))
     before = _consumer_error(net, net, masks, held_out, layers)
     after = _consumer_error(net, repaired, masks, held_out, layers)
     for layer in layers:
@@ -301,14 +302,14 @@ def test_lstsq_reduces_next_layer_error_on_held_out_probes(make):
     assert after[layers[0]] < 0.7 * before[layers[0]]
 
 
-def test_cosine_skips_coupled_groups_and_keeps_uncoupled():
+def test_merge_skips_coupled_groups_and_keeps_uncoupled():
     net = tiny_all_ops()
-    rep = recover.Repair(net, "cosine")
+    rep = recover.Repair(net, "merge")
     coupled = {g.name for g in net.space.groups if len(g.members) > 1}
     assert coupled and not {c.group for c in rep.consumers} & coupled
 
 
-@pytest.mark.parametrize("method", ["cosine", "lstsq"])
+@pytest.mark.parametrize("method", ["merge", "lstsq"])
 def test_repair_vmaps_over_a_population(method):
     net = tiny_bn()
     rep = recover.Repair(net, method, probes="gaussian", num_probes=64)
@@ -321,18 +322,100 @@ def test_repair_vmaps_over_a_population(method):
                 np.testing.assert_allclose(batched[layer][k][i], v, 1e-4, 1e-5)
 
 
-def test_merge_errors():
+def test_repair_errors():
     net = tiny_mlp()
     with pytest.raises(recover.RecoverError, match="unknown merge method"):
-        recover.merge(net, net.space.full_masks(), method="average")
+        recover.repair(net, net.space.full_masks(), method="average")
     with pytest.raises(gp.MaskError):
-        recover.merge(net, {"fc1": np.ones(8, bool)})
+        recover.repair(net, {"fc1": np.ones(8, bool)})
+
+
+def _leaves(net):
+    return [np.asarray(v) for v in jax.tree.leaves(nnx.state(net.model))]
+
+
+@pytest.mark.parametrize("method", ["merge", "cosine", "lstsq"])
+@pytest.mark.parametrize("sequential", [True, False])
+def test_deprecated_merge_equals_repair_bit_for_bit(method, sequential):
+    """``merge`` (deprecated) and the method name ``"cosine"`` (deprecated) warn
+    and give exactly ``repair``'s result; the card keeps ``"cosine"`` as the name
+    of Neuron Merging."""
+    net = tiny_bn()
+    masks = {
+        g: np.asarray(m, bool)
+        for g, m in row(random_unit_masks(net.space, 1, 0.5, seed=3), 0).items()
+    }
+    kw = dict(probes="gaussian", num_probes=64, sequential=sequential)
+    new_name = "merge" if method == "cosine" else method
+    want = recover.repair(net, masks, method=new_name, **kw)
+    with pytest.deprecated_call(match="recover.repair"):
+        old = recover.merge(net, masks, method=new_name, **kw)
+    if method == "cosine":
+        with pytest.deprecated_call(match='"merge"'):
+            old = recover.repair(net, masks, method="cosine", **kw)
+    for a, b in zip(_leaves(want), _leaves(old), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert old.card["repair"] == want.card["repair"]
+    assert want.card["repair"]["method"] == {"merge": "cosine"}.get(new_name, new_name)
+
+
+def test_cosine_prior_is_a_deprecated_name_of_merge():
+    net = tiny_mlp()
+    masks = {"fc1": np.array([1, 0, 1, 1, 0, 1, 1, 0], bool), "fc2": np.ones(6, bool)}
+    want = recover.repair(net, masks, method="lstsq", prior="merge")
+    with pytest.deprecated_call(match="prior"):
+        old = recover.repair(net, masks, method="lstsq", prior="cosine")
+    for a, b in zip(_leaves(want), _leaves(old), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_repair_aliases_and_consumers_reexport():
+    """gp.prune's spellings map onto the two repair methods; the graph queries
+    live in gapruning.models and are still reachable from gapruning.recover."""
+    aliases = {"merge": "merge", "cosine": "merge", "lstsq": "lstsq"}
+    assert recover.REPAIR_ALIASES == aliases
+    assert set(recover.REPAIR_ALIASES.values()) == set(recover.REPAIR_METHODS)
+    assert recover.consumers is gp.models.consumers
+    assert recover.group_consumers is gp.models.group_consumers
+    assert recover.Consumer is gp.models.Consumer
+    rep = recover.Repair(tiny_mlp(), "merge")
+    assert rep.method == "merge"
+
+
+def test_distill_config_presets_follow_the_teacher():
+    """A BatchNorm teacher gets BATCHNORM_PRESET, another PLAIN_PRESET; settings
+    given win; resolving turns the feature term off without masks; a config and
+    the same settings as keywords distill alike, bit for bit."""
+    bn, mlp = tiny_conv_bn(), tiny_mlp()
+    assert recover.DistillConfig.for_teacher(bn) == recover.BATCHNORM_PRESET
+    assert recover.DistillConfig.for_teacher(mlp) == recover.PLAIN_PRESET
+    assert recover.BATCHNORM_PRESET.learning_rate == 3e-4
+    assert recover.PLAIN_PRESET.adversarial == 3
+    assert recover.DistillConfig.for_teacher(bn, steps=7).steps == 7
+    masks = {"c1": np.array([1, 0, 1, 1, 0], bool)}
+    cfg = recover.DistillConfig(adversarial=1)
+    assert cfg.resolved(bn, masks).feature_weight == 1.0
+    assert cfg.resolved(bn, None).feature_weight == 0.0
+    assert cfg.resolved(bn, masks).adversarial == 1
+    assert cfg.resolved(bn, masks).augment is True
+    assert cfg.resolved(mlp, None).augment is False
+    small = gp.compact(bn, masks)
+    probes = gp.make_probes(bn, "gaussian", 32, seed=0)
+    config = recover.DistillConfig(steps=3, batch_size=16, mixup=0.2)
+    a = recover.distill(small, bn, probes, masks=masks, config=config)
+    kw = dict(steps=3, batch_size=16, mixup=0.2)
+    b = recover.distill(small, bn, probes, masks=masks, **kw)
+    for x, y in zip(_leaves(a), _leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert a.card["distill"] == b.card["distill"]
+    with pytest.raises(TypeError):
+        recover.distill(small, bn, probes, steps=1, not_a_setting=1)
 
 
 # ------------------------------------------------------------------ in the fitness
 
 
-@pytest.mark.parametrize("method", ["cosine", "lstsq"])
+@pytest.mark.parametrize("method", ["merge", "lstsq"])
 def test_repaired_fitness_scores_the_repaired_network(method):
     """fit(pop)[i] is the fidelity (T=4 KL to the dense outputs) of individual i
     after its repair, the same repair ``merge`` gives (probe seed 1)."""
@@ -344,7 +427,7 @@ def test_repaired_fitness_scores_the_repaired_network(method):
     dense = net.model(fit.probes)
     for i in range(2):
         masks = {g: np.asarray(m, bool) for g, m in row(pop, i).items()}
-        repaired = recover.merge(
+        repaired = recover.repair(
             net,
             masks,
             method=method,
@@ -442,8 +525,9 @@ def test_distill_with_adversarial_and_mixup_probes_lowers_held_out_kl():
 
 
 def test_distill_settings_left_at_none_follow_batchnorm():
-    """``None`` settings take ``DISTILL_DEFAULTS`` by whether the teacher has
-    BatchNorm (the feature term only with masks); explicit values win."""
+    """``None`` settings take the teacher's preset (``DistillConfig.for_teacher``,
+    the deprecated ``DISTILL_DEFAULTS``) by whether the teacher has BatchNorm
+    (the feature term only with masks); explicit values win."""
     bn, mlp = tiny_conv_bn(), tiny_mlp()
     bn_masks = {"c1": np.array([1, 0, 1, 1, 0], bool)}
     mlp_masks = {
@@ -461,9 +545,10 @@ def test_distill_settings_left_at_none_follow_batchnorm():
 
     assert settings(bn, bn_masks) == (1.0, False, 0, 3e-4)
     assert settings(mlp, mlp_masks) == (0.0, True, 3, 1e-3)
-    assert recover.DISTILL_DEFAULTS[True] == dict(
-        zip(keys, (1.0, False, 0, 3e-4), strict=True)
-    )
+    with pytest.deprecated_call():
+        assert recover.DISTILL_DEFAULTS[True] == dict(
+            zip(keys, (1.0, False, 0, 3e-4), strict=True)
+        )
     assert settings(bn, bn_masks, adversarial=1, learning_rate=0.01)[2:] == (1, 0.01)
     probes = gp.make_probes(bn, "gaussian", 32, seed=0)
     no_masks = recover.distill(gp.compact(bn, bn_masks), bn, probes=probes, steps=1)
@@ -500,7 +585,7 @@ def test_distill_augments_image_probes_with_shifts_and_flips(monkeypatch):
         calls.append((x.shape, fill))
         return shift_flip(key, x, shift, fill)
 
-    monkeypatch.setattr(recover, "shift_flip", recording)
+    monkeypatch.setattr(recover.distillation, "shift_flip", recording)
     augmented = recover.distill(small, net, batch_size=16, **kw)
     assert calls == [((16, 6, 6, 2), -1.0)]  # traced once, jitted step
     assert augmented.card["distill"]["augment"] is True
@@ -582,7 +667,7 @@ def test_prune_with_repair_and_recovery():
     )
     merged = gp.prune(net, repair="lstsq", **kw)
     want = gp.compact(
-        recover.merge(
+        recover.repair(
             net, merged.masks, method="lstsq", probes="gaussian", num_probes=32, seed=1
         ),
         merged.masks,
@@ -663,8 +748,8 @@ def test_solve_under_vmap_equals_a_loop_of_solves():
     x = rng.normal(size=(5, 7, 7))
     a = x @ x.transpose(0, 2, 1) + 7 * np.eye(7)
     rhs = rng.normal(size=(5, 7, 3))
-    batched = jax.vmap(recover._solve_pos)(jnp.asarray(a, jnp.float32), rhs)
-    shared = jax.vmap(recover._solve_pos, in_axes=(None, 0))(a[0], rhs)
+    batched = jax.vmap(recover.lstsq.solve_pos)(jnp.asarray(a, jnp.float32), rhs)
+    shared = jax.vmap(recover.lstsq.solve_pos, in_axes=(None, 0))(a[0], rhs)
     for i in range(5):
         np.testing.assert_allclose(batched[i], np.linalg.solve(a[i], rhs[i]), atol=1e-5)
         np.testing.assert_allclose(shared[i], np.linalg.solve(a[0], rhs[i]), atol=1e-5)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from flax import nnx
 
+from .consumers import Consumer, consumers, group_consumers
 from .graph import (
     GraphBuilder,
     Mask,
@@ -65,6 +66,9 @@ __all__ = [
     "Node",
     "build",
     "channel_spaces",
+    "Consumer",
+    "consumers",
+    "group_consumers",
     "insert_masks",
     "register_model",
 ]
