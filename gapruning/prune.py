@@ -196,8 +196,7 @@ def make_fitness(net: Pretrained, config: PruneConfig) -> Callable:
     if config.repair is None:
         return fit
     options = {k: v for k, v in repair_options(config).items() if k != "sequential"}
-    method = recover_lib.REPAIR_ALIASES[config.repair_method]
-    return recover_lib.repaired_fitness(fit, method, **options)
+    return recover_lib.repaired_fitness(fit, config.repair_method, **options)
 
 
 def find_masks(ctx: MethodContext, config: PruneConfig) -> MethodResult:
@@ -213,13 +212,14 @@ def finish(ctx: MethodContext, config: PruneConfig, found: MethodResult) -> Pret
     method = METHODS.get(config.strategy)
     if method is not None and not method.structured:
         return sparsify(found.net, found.masks)
-    base = found.net
-    if config.repair_method is not None:
-        method = recover_lib.REPAIR_ALIASES[config.repair_method]
-        base = recover_lib.merge(
-            base, found.masks, method=method, **repair_options(config)
+    small = getattr(found, "pruned", None)
+    if small is not None and config.repair_method is not None:
+        raise ValueError(
+            f"method {config.strategy!r} returns a compacted network; it cannot be "
+            "repaired afterwards (drop repair= and the recover repair step)"
         )
-    small = compact(base, found.masks)
+    if small is None:
+        small = compact(repaired(found, config), found.masks)
     if not config.distill:
         return small
     options = {
@@ -231,6 +231,15 @@ def finish(ctx: MethodContext, config: PruneConfig, found: MethodResult) -> Pret
         options["probes"] = config.probes
     options.update(config.recover_options.get("distill", {}))
     return recover_lib.distill(small, ctx.net, masks=found.masks, **options)
+
+
+def repaired(found: MethodResult, config: PruneConfig) -> Pretrained:
+    """``found.net`` repaired for ``found.masks`` as ``config`` asks (or as is)."""
+    if config.repair_method is None:
+        return found.net
+    return recover_lib.repair(
+        found.net, found.masks, method=config.repair_method, **repair_options(config)
+    )
 
 
 def repair_options(config: PruneConfig) -> dict[str, Any]:
