@@ -73,7 +73,7 @@ def test_layer_crossover_and_mutation_by_hand():
 
 def test_score_ga_kaiming_start_and_elites():
     algo = score_ga.ScoreGA(6, [4, 2], [16, 4], elitism=0.5)
-    state = algo.init(jax.random.key(0), None, algo.default_params)
+    state = algo.init(jax.random.key(0), algo.default_params)
     pop = np.asarray(state.population)
     assert np.abs(pop[:, :4]).max() <= 0.25 and np.abs(pop[:, 4:]).max() <= 0.5
     fitness = jnp.arange(6.0)[::-1]

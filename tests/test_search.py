@@ -11,7 +11,14 @@ import pytest
 
 import gapruning as gp
 from gapruning import search
-from gapruning.encoding import Budget, UnitEncoding
+from gapruning.encoding import (
+    Budget,
+    ProfileEncoding,
+    UnitEncoding,
+    WeightEncoding,
+    kept_fraction_fn,
+)
+from gapruning.methods.ga_scores import kernel_kept_fraction_fn
 
 CONTRACT = [
     *sorted(search.STRATEGIES),
@@ -51,21 +58,21 @@ def _run(name, problem, enc, generations=12, chunk=4, seed=0, population=16):
     )
 
 
-@pytest.mark.parametrize("name", CONTRACT)
-def test_strategy_contract(name, planted):
-    space, enc, problem = planted
-    result = _run(name, problem, enc)
+def _check_contract(make, problem, population=16, generations=12):
+    """What every strategy meets, whatever its genome: best so far never worse,
+    (P, genes) populations, a scan over chunks equal to a Python loop of single
+    generations, the same result for the same seed. Returns the run's result."""
+    result = search.run(make(), problem, jax.random.PRNGKey(0), generations, chunk=4)
     best = result.history["best_so_far"]
     assert np.all(np.diff(best) <= 0), "best fitness got worse"
     assert result.best_fitness == best[-1] <= result.history["best"].min()
-    # every generation's best individual met the budget exactly
-    np.testing.assert_allclose(result.history["kept"], 80 / 320)
-    assert sum(space.kept(result.best_masks).values()) == 80
     # scan over chunks == a Python loop of single generations
-    strategy = search.make_strategy(name, 16, enc.num_genes)
-    state = search.engine.init(strategy, problem, jax.random.PRNGKey(0), 12)
+    strategy = make()
+    state = search.engine.init(strategy, problem, jax.random.PRNGKey(0), generations)
+    genomes, _ = strategy.ask(jax.random.PRNGKey(1), state.strategy_state)
+    assert genomes.shape == (population, strategy.num_genes)
     one = jax.jit(lambda s: search.engine.step(strategy, problem, s))
-    for _ in range(12):
+    for _ in range(generations):
         state = one(state)
     np.testing.assert_array_equal(np.asarray(state.best_genome), result.best_genome)
     for k in search.engine.HISTORY_KEYS:
@@ -73,19 +80,105 @@ def test_strategy_contract(name, planted):
             np.asarray(state.history[k]), result.history[k], rtol=1e-6
         )
     # same seed, same result
-    again = _run(name, problem, enc)
+    again = search.run(make(), problem, jax.random.PRNGKey(0), generations, chunk=4)
     np.testing.assert_array_equal(again.best_genome, result.best_genome)
+    return result
 
 
-def test_binary_ga_solves_a_planted_mask():
+@pytest.mark.parametrize("name", CONTRACT)
+def test_strategy_contract(name, planted):
+    space, enc, problem = planted
+    result = _check_contract(
+        lambda: search.make_strategy(name, 16, enc.num_genes), problem
+    )
+    # every generation's best individual met the budget exactly
+    np.testing.assert_allclose(result.history["kept"], 80 / 320)
+    assert sum(space.kept(result.best_masks).values()) == 80
+
+
+def _small_mlp():
     g = gp.models.GraphBuilder((8,))
     h = g.relu(g.dense(g.input, 40, name="fc1"))
     h = g.relu(g.dense(h, 24, name="fc2"))
-    space = gp.PruneSpace(
-        gp.models.Net(
-            g.build(g.dense(h, 3, name="out")), rngs=__import__("flax").nnx.Rngs(0)
-        )
+    return gp.models.Net(
+        g.build(g.dense(h, 3, name="out")), rngs=__import__("flax").nnx.Rngs(0)
     )
+
+
+def _hamming_to(target, flat):
+    return lambda masks: jnp.abs(flat(masks) - target).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def genome_problems():
+    """genome kind -> (problem, num_genes, the kept fraction every decoded genome
+    has): planted-mask problems for the strategies of GENOME_STRATEGIES."""
+    model = _small_mlp()
+    rng = np.random.default_rng(2)
+    weights = WeightEncoding(model, keep=0.25)
+
+    def kernels(masks):
+        parts = [masks[n].reshape(*masks[n].shape[:-2], -1) for n in weights.layers]
+        return jnp.concatenate(parts, -1).astype(jnp.float32)
+
+    target = kernels(weights.decode(rng.normal(size=weights.num_genes)))
+    by_weights = search.Problem(
+        weights.decode, _hamming_to(target, kernels), kernel_kept_fraction_fn(weights)
+    )
+    space = gp.PruneSpace(model)
+    budget = Budget("units", 0.5)
+    profile = ProfileEncoding(model, space, budget)
+
+    def units(masks):
+        return space.flat(masks).astype(jnp.float32)
+
+    target = units(profile.decode(rng.uniform(0.1, 1.0, profile.num_genes)))
+    by_profile = search.Problem(
+        profile.decode, _hamming_to(target, units), kept_fraction_fn(space, budget)
+    )
+    kept_weights = sum(weights.keep.values()) / weights.num_genes
+    return {
+        "weights": (by_weights, weights.num_genes, kept_weights),
+        "profile": (by_profile, profile.num_genes, 0.5),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(search.GENOME_STRATEGIES))
+def test_genome_strategy_contract(name, genome_problems):
+    factory = search.GENOME_STRATEGIES[name]
+    kind = factory(16, 10).genome
+    problem, num_genes, kept = genome_problems[kind]
+    result = _check_contract(
+        lambda: search.make_genome_strategy(name, 16, num_genes), problem
+    )
+    np.testing.assert_allclose(result.history["kept"], kept, rtol=1e-6)
+    assert result.history["best_so_far"][-1] < result.history["best"][0]
+
+
+def test_genome_strategies_are_not_prune_strategies():
+    both = set(search.STRATEGIES) & set(search.GENOME_STRATEGIES)
+    assert not both and not set(search.GENOME_STRATEGIES) & set(gp.methods.METHODS)
+    for name, factory in search.GENOME_STRATEGIES.items():
+        assert factory(4, 6).genome in search.GENOME_KINDS
+        with pytest.raises(KeyError, match="unknown strategy"):
+            search.make_strategy(name, 4, 6)
+    for factory in search.STRATEGIES.values():
+        assert factory(4, 6).genome in ("binary", "real")
+    with pytest.raises(KeyError, match="profile_sampler, score_ga"):
+        search.make_genome_strategy("ga", 4, 6)
+    with pytest.raises(ValueError, match="unknown genome kind"):
+        search.Strategy("x", None, None, genome="bits")
+
+
+def test_score_ga_layers_must_cover_the_genome():
+    strategy = search.make_genome_strategy("score_ga", 4, 6, layer_sizes=[2, 4])
+    assert strategy.algorithm.layer_sizes == (2, 4)
+    with pytest.raises(ValueError, match="sum to 5, not 6"):
+        search.make_genome_strategy("score_ga", 4, 6, layer_sizes=[2, 3])
+
+
+def test_binary_ga_solves_a_planted_mask():
+    space = gp.PruneSpace(_small_mlp())
     enc = UnitEncoding(space, Budget("units", 0.5))
     target = jnp.asarray(
         enc.encode(enc.decode(np.random.default_rng(1).normal(size=space.num_units)))

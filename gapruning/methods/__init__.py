@@ -5,8 +5,9 @@ RL profiles) and searches with their own encoding (GA on weight scores).
 A method is a function ``method(ctx: MethodContext, **options) -> MethodResult``
 registered in :data:`METHODS`; ``gp.prune(net, strategy=name)`` runs it, then
 compacts ``result.net`` (the dense network, its weights possibly compensated, e.g.
-by merging removed units into kept ones) under ``result.masks``. Like everything
-inside ``prune``, a method never reads a dataset.
+by merging removed units into kept ones) under ``result.masks``, unless the
+method already did (``result.pruned``, e.g. GWCS's distilled network). Like
+everything inside ``prune``, a method never reads a dataset.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class MethodContext:
         kept = BudgetDecoder(self.space, self.budget, prior)(np.asarray(scores))
         return {k: np.asarray(v, bool) for k, v in self.space.unflat(kept).items()}
 
+    def quotas(self, scores) -> dict[str, int]:
+        """Units kept per group when ``scores`` are decoded under the budget: how
+        many units a method that picks the units itself keeps in each group."""
+        return self.space.kept(self.decode(scores))
+
 
 @dataclasses.dataclass
 class MethodResult:
@@ -62,7 +68,10 @@ class MethodResult:
     methods), ``net`` (the dense network to compact: the input one, or a copy with
     compensated weights), the per-step ``history`` (name -> array, may be empty),
     fitness ``evaluations`` spent, wall ``seconds``, ``best_fitness`` (``None``
-    for criteria that use no fitness) and JSON-able ``details``."""
+    for criteria that use no fitness), JSON-able ``details``, and ``pruned``: the
+    network the method already compacted (and possibly distilled) for ``masks``,
+    which ``gp.prune`` then uses as the compacted result (``None``: compact
+    ``net`` under ``masks``)."""
 
     masks: dict[str, np.ndarray]
     net: Pretrained
@@ -72,6 +81,7 @@ class MethodResult:
     compile_seconds: float = 0.0
     best_fitness: float | None = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pruned: Pretrained | None = None
 
 
 @dataclasses.dataclass(frozen=True)

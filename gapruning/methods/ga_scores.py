@@ -45,9 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..encoding import WeightEncoding
-from ..search import engine
-from ..search.score_ga import GOODNESS, ScoreGA
-from ..search.strategies import Strategy
+from ..search import GENOME_STRATEGIES, engine
 from . import MethodContext, MethodResult, register_method
 
 
@@ -79,6 +77,17 @@ def kernel_fitness(ctx: MethodContext):
         ),
         dropped,
     )
+
+
+def kernel_kept_fraction_fn(enc: WeightEncoding):
+    """Kernel masks -> kept fraction of the encoded kernel weights (the
+    unstructured twin of :func:`gapruning.encoding.kept_fraction_fn`)."""
+    total = float(enc.num_genes)
+
+    def kept_fraction(masks: Mapping):
+        return sum(jnp.sum(m) for m in masks.values()) / total
+
+    return kept_fraction
 
 
 def labelled_accuracy_fitness(net, x, y, batch: int | None = None):
@@ -133,25 +142,18 @@ def ga_scores(
     else:
         fit, dropped = kernel_fitness(ctx)
         goodness = goodness or "inverse"
-    if goodness not in GOODNESS:
-        raise ValueError(f"unknown goodness {goodness!r}; known: {', '.join(GOODNESS)}")
-    fan_in = [math.prod(enc.shapes[n][:-1]) for n in enc.layers]
-    algo = ScoreGA(
+    strategy = GENOME_STRATEGIES["score_ga"](
         ctx.population,
-        enc.sizes,
-        fan_in,
+        enc.num_genes,
+        layer_sizes=enc.sizes,
+        fan_in=[math.prod(enc.shapes[n][:-1]) for n in enc.layers],
         elitism=elitism,
         goodness=goodness,
         schedule=schedule,
+        mutation_rate=mutation_rate,
+        power=power,
     )
-    params = algo.default_params.replace(mutation_rate=mutation_rate, power=power)
-    strategy = Strategy("ga_scores", algo, params, genome="real")
-    total = float(enc.num_genes)
-
-    def kept_fraction(masks: Mapping):
-        return sum(jnp.sum(m) for m in masks.values()) / total
-
-    problem = engine.Problem(enc.decode, fit, kept_fraction)
+    problem = engine.Problem(enc.decode, fit, kernel_kept_fraction_fn(enc))
     result = engine.run(
         strategy, problem, jax.random.PRNGKey(ctx.seed), ctx.generations, chunk=chunk
     )
@@ -166,7 +168,7 @@ def ga_scores(
         "elitism": elitism,
         "mutation_rate": mutation_rate,
         "final_mutation_rate": float(result.state.strategy_state.mutation_rate),
-        "schedule": [list(s) for s in algo.schedule],
+        "schedule": [list(s) for s in strategy.algorithm.schedule],
         "dropped_terms": dropped,
         "data_free": labelled_fitness is None,
     }

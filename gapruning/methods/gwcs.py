@@ -10,8 +10,8 @@ stage's groups with the wavelet channel-aggregation fitness
 stay fixed at their found masks (the next stage starts from the pruned result),
 later stages are still dense. Finally the compacted network is distilled to the
 dense one on data-free probes (``gp.recover.distill``; ``distill_steps=0``
-skips it), and its weights are written back into the dense shapes for
-``gp.prune`` to compact.
+skips it) and returned as the method's compacted result
+(``MethodResult.pruned``).
 
 What differs from GWCS:
 
@@ -28,6 +28,7 @@ What differs from GWCS:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -36,9 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import search
-from ..compact import compact, kept_index
-from ..encoding import l1_unit_scores, standardize_per_group
-from ..zoo import Pretrained
+from ..compact import compact
+from ..encoding import (
+    Budget,
+    kept_fraction_fn,
+    l1_unit_scores,
+    standardize_per_group,
+)
 from . import MethodContext, MethodResult, register_method
 
 
@@ -54,34 +59,92 @@ def stage_groups(space, stages: int) -> list[list[str]]:
     return [p for p in parts if p]
 
 
-def expand(small: Pretrained, net: Pretrained, masks) -> Pretrained:
-    """``net`` with the weights of its compacted copy ``small`` written back into
-    the kept positions (the inverse of :func:`~gapruning.compact.compact`)."""
-    from flax import nnx
+def stage_fitness(ctx: MethodContext, spec: Any = None):
+    """``(fitness, probes)`` of the stages: the wavelet + fidelity composite (MLPs:
+    fidelity) on the call's probes, or the user's callable as is (no probes)."""
+    from ..fitness import Fitness, compose
 
-    space = net.space
-    index = {
-        n.name: kept_index(space, masks, n.name, n.shape[-1]) for n in net.model.nodes
+    base = ctx.fitness
+    if not isinstance(base, Fitness):
+        return base, None
+    has_conv = any(g.kind == "conv" for g in ctx.space.groups)
+    default = {"wavelet": 1.0, "fidelity": 1.0} if has_conv else "fidelity"
+    fit = compose(ctx.net, spec or default, probes=base.probes, normalize=True)
+    return fit, base.probes
+
+
+def stage_problem(ctx: MethodContext, fit, prior, quota, masks, groups):
+    """The search problem of one stage: the channel bits of ``groups`` (each
+    group keeps its ``quota``: the top bits, ties broken by ``prior``), the
+    other groups fixed at ``masks``; and the L1 ``center`` of its genome."""
+    space = ctx.space
+    offsets = dict(zip(space.group_names, space.offsets, strict=True))
+    sizes = dict(zip(space.group_names, space.sizes, strict=True))
+    fixed = {g: jnp.asarray(m) for g, m in masks.items()}
+    starts = np.cumsum([0] + [sizes[g] for g in groups])
+
+    def decode(genome):
+        out = dict(fixed)
+        for g, a, b in zip(groups, starts[:-1], starts[1:], strict=True):
+            o = offsets[g]
+            score = genome[a:b] + 1e-3 * jnp.tanh(prior[o : o + sizes[g]])
+            _, top = jax.lax.top_k(score, quota[g])
+            out[g] = jnp.zeros(sizes[g], bool).at[top].set(True)
+        return out
+
+    def encode(m):
+        return jnp.concatenate([jnp.asarray(m[g], jnp.float32) for g in groups])
+
+    # the kept share of units (what the GA decides), whatever the budget's kind
+    kept = kept_fraction_fn(space, Budget("units", ctx.budget.target))
+    center = jnp.concatenate(
+        [jnp.asarray(prior[offsets[g] : offsets[g] + sizes[g]]) for g in groups]
+    )
+    return search.Problem(decode, fit, kept, encode), center
+
+
+def search_stages(ctx: MethodContext, plan, fit, gens, ga_options, chunk):
+    """The GA stage by stage (earlier stages fixed at their found masks); a
+    result without ``seconds`` and ``details``."""
+    space = ctx.space
+    prior = standardize_per_group(l1_unit_scores(ctx.net.model, space), space)
+    quota = ctx.quotas(prior)  # exact budget: channels per group
+    masks = {
+        g: np.ones(s, bool) for g, s in zip(space.group_names, space.sizes, strict=True)
     }
-    graphdef, state = nnx.split(net.model)
-    pure = nnx.to_pure_dict(state)
-    small_pure = nnx.to_pure_dict(nnx.state(small.model))
-    for n in net.model.nodes:
-        if n.name not in pure.get("layers", {}):
-            continue
-        big, sm = pure["layers"][n.name], small_pure["layers"][n.name]
-        out = index[n.name]
-        for k, v in sm.items():
-            v, b = np.asarray(v), np.array(big[k])
-            if k == "kernel" and n.op == "dense":
-                b[np.ix_(index[n.inputs[0]], out)] = v
-            elif k == "kernel":
-                b[:, :, index[n.inputs[0]][:, None], out[None, :]] = v
-            else:
-                b[out] = v
-            big[k] = jnp.asarray(b)
-    nnx.replace_by_pure_dict(state, pure)
-    return Pretrained(nnx.merge(graphdef, state), dict(net.card))
+    history: dict[str, list] = {}
+    found = MethodResult(masks, ctx.net)
+    for s, groups in enumerate(plan):
+        problem, center = stage_problem(ctx, fit, prior, quota, masks, groups)
+        strategy = search.make_strategy(
+            "ga", ctx.population, len(center), **dict(ga_options or {})
+        )
+        key = jax.random.PRNGKey(ctx.seed + s)
+        result = search.run(strategy, problem, key, gens, chunk=chunk, center=center)
+        masks.update({g: np.asarray(result.best_masks[g], bool) for g in groups})
+        for k, v in result.history.items():
+            history.setdefault(k, []).append(v)
+        found.evaluations += result.evaluations
+        found.compile_seconds += result.compile_seconds
+        found.best_fitness = result.best_fitness
+    found.history = {k: np.concatenate(v) for k, v in history.items()}
+    return found
+
+
+def distill_compacted(ctx: MethodContext, masks, probes, steps, options):
+    """The network compacted under ``masks`` and distilled to the dense one on
+    ``probes`` (default: distill's own), and a description of the distillation."""
+    from .. import recover
+
+    opts = {"steps": steps, "seed": ctx.seed, "masks": masks}
+    if probes is not None:
+        opts["probes"] = probes
+    opts.update(options or {})
+    small = recover.distill(compact(ctx.net, masks), ctx.net, **opts)
+    return small, {
+        "steps": steps,
+        "probes": "fitness probes" if probes is not None else "distill default",
+    }
 
 
 def gwcs(
@@ -104,103 +167,27 @@ def gwcs(
         distill_options: more keyword arguments of ``gp.recover.distill``.
         ga_options: options of the ``ga`` strategy.
     """
-    from ..fitness import Fitness, compose
+    from ..fitness import Fitness
 
     t0 = time.perf_counter()
-    net, space = ctx.net, ctx.space
-    prior = standardize_per_group(l1_unit_scores(net.model, space), space)
-    quota = space.kept(ctx.decode(prior))  # exact budget: channels per group
-    plan = stage_groups(space, stages)
-    has_conv = any(g.kind == "conv" for g in space.groups)
-    base = ctx.fitness
-    if isinstance(base, Fitness):
-        default = {"wavelet": 1.0, "fidelity": 1.0} if has_conv else "fidelity"
-        spec = fitness or default
-        fit = compose(net, spec, probes=base.probes, normalize=True)
-        probes = base.probes
-    else:  # a user callable: used as the stage fitness as is
-        fit, probes = base, None
-    masks = {
-        g: np.ones(s, bool) for g, s in zip(space.group_names, space.sizes, strict=True)
-    }
-    offsets = dict(zip(space.group_names, space.offsets, strict=True))
-    sizes = dict(zip(space.group_names, space.sizes, strict=True))
+    plan = stage_groups(ctx.space, stages)
+    fit, probes = stage_fitness(ctx, fitness)
     gens = max(1, ctx.generations // len(plan))
-    history: dict[str, list] = {}
-    evaluations, compile_s, best = 0, 0.0, None
-    total = float(space.num_units)
-
-    def kept_fraction(m):
-        return space.flat(m).astype(jnp.float32).sum() / total
-
-    for s, groups in enumerate(plan):
-        fixed = {g: jnp.asarray(m) for g, m in masks.items()}
-        starts = np.cumsum([0] + [sizes[g] for g in groups])
-
-        def decode(genome, groups=groups, starts=starts, fixed=fixed):
-            out = dict(fixed)
-            for g, a, b in zip(groups, starts[:-1], starts[1:], strict=True):
-                o = offsets[g]
-                score = genome[a:b] + 1e-3 * jnp.tanh(prior[o : o + sizes[g]])
-                _, top = jax.lax.top_k(score, quota[g])
-                out[g] = jnp.zeros(sizes[g], bool).at[top].set(True)
-            return out
-
-        def encode(m, groups=groups):
-            return jnp.concatenate([jnp.asarray(m[g], jnp.float32) for g in groups])
-
-        problem = search.Problem(decode, fit, kept_fraction, encode)
-        strategy = search.make_strategy(
-            "ga", ctx.population, int(starts[-1]), **dict(ga_options or {})
-        )
-        center = jnp.concatenate(
-            [jnp.asarray(prior[offsets[g] : offsets[g] + sizes[g]]) for g in groups]
-        )
-        result = search.run(
-            strategy,
-            problem,
-            jax.random.PRNGKey(ctx.seed + s),
-            gens,
-            chunk=chunk,
-            center=center,
-        )
-        masks.update({g: np.asarray(result.best_masks[g], bool) for g in groups})
-        for k, v in result.history.items():
-            history.setdefault(k, []).append(v)
-        evaluations += result.evaluations
-        compile_s += result.compile_seconds
-        best = result.best_fitness
-    out_net = net
-    distilled = None
+    found = search_stages(ctx, plan, fit, gens, ga_options, chunk)
+    small, distilled = None, None
     if distill_steps > 0:
-        from .. import recover
-
-        opts = {"steps": distill_steps, "seed": ctx.seed, "masks": masks}
-        if probes is not None:
-            opts["probes"] = probes
-        opts.update(distill_options or {})
-        small = recover.distill(compact(net, masks), net, **opts)
-        out_net = expand(small, net, masks)
-        distilled = {
-            "steps": distill_steps,
-            "probes": "fitness probes" if probes is not None else "distill default",
-        }
+        small, distilled = distill_compacted(
+            ctx, found.masks, probes, distill_steps, distill_options
+        )
     details = {
         "stages": plan,
         "generations_per_stage": gens,
-        "kept_per_group": {g: int(m.sum()) for g, m in masks.items()},
+        "kept_per_group": {g: int(m.sum()) for g, m in found.masks.items()},
         "stage_fitness": fit.describe() if isinstance(fit, Fitness) else "callable",
         "distill": distilled,
     }
-    return MethodResult(
-        masks,
-        out_net,
-        history={k: np.concatenate(v) for k, v in history.items()},
-        evaluations=evaluations,
-        seconds=time.perf_counter() - t0,
-        compile_seconds=compile_s,
-        best_fitness=best,
-        details=details,
+    return dataclasses.replace(
+        found, seconds=time.perf_counter() - t0, details=details, pruned=small
     )
 
 

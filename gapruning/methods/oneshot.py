@@ -39,8 +39,7 @@ import numpy as np
 from flax import nnx
 
 from ..encoding import Budget, l1_unit_scores
-from ..models import Net
-from ..recover import group_consumers
+from ..models import Net, group_consumers
 from ..space import PruneSpace
 from ..zoo import Pretrained
 from . import MethodContext, MethodResult, register_method
@@ -159,9 +158,11 @@ def synflow_scores(net: Pretrained | Net, masks=None) -> np.ndarray:
 
 
 def _select(space: PruneSpace, budget: Budget, scores: np.ndarray) -> np.ndarray:
-    """NumPy twin of :class:`BudgetDecoder` for the intermediate SynFlow steps
-    (no compile per step): the best ``min_keep`` units of every group, then units
-    in score order (stable) while the budget allows."""
+    """NumPy twin of :class:`BudgetDecoder` for the intermediate SynFlow steps:
+    the best ``min_keep`` units of every group, then units in score order (stable)
+    while the budget allows. Not the decoder itself: it ranks the float64 scores
+    exactly (the decoder ranks float32 ones, where close scores tie) and compiles
+    nothing per step."""
     order = np.argsort(-scores, kind="stable")
     gid = np.repeat(np.arange(len(space.groups)), space.sizes)
     keep_frac = 1.0 - float(budget.target)

@@ -67,27 +67,28 @@ What differs from the original:
   the best-scored remaining pairs, so it always ends.
 * ``normalize=True`` divides ``L`` by the current network's output interval
   width. Off by default, as in the original; but from the whole input box the
-  impact widths of a pair of LeNet-300-100 units are large, ``sigmoid(L)`` is
-  then 1 for every pair (scores measured in [0.875, 0.99] in the stochastic walk
-  of fc1: only ``ENT`` ranks the pairs), while with ``normalize=True`` they
-  spread over [0.50, 0.61].
+  impact widths of a pair of units of an MLP such as LeNet-300-100 can be so
+  large that ``sigmoid(L)`` saturates near 1 for every pair (only ``ENT`` then
+  ranks the pairs), while with ``normalize=True`` the scores spread out.
 * The input region is the model's input box (the original uses pixels in
   [0, 1], i.e. the same box before normalisation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..encoding import rank_in_groups
 from ..fitness.interval import activation_delta, paoding_entropy, propagate_bounds
-from ..models import Net, Node
-from ..recover import group_consumers
+from ..models import Net, Node, group_consumers
 from ..space import PruneSpace
 from ..zoo import Pretrained
 from . import MethodContext, MethodResult, register_method
@@ -178,14 +179,31 @@ def interval_score(dl, du, alpha=0.75, beta=0.25, threshold=0.9, scale=1.0):
 # ------------------------------------------------------------------ structure
 
 
+@dataclasses.dataclass
 class _Layer:
     """A mergeable Dense group: producer ``prod``, the mask it is read through,
-    the single Dense consumer ``cons`` and the chain of nodes after it."""
+    the single Dense consumer ``cons`` and the chain of nodes after it; while
+    merging, the units it ``keep`` s, the pairs per epoch (``step``), the units
+    already ``touched`` and the annealing ``target`` score."""
 
-    def __init__(self, group, offset, prod, mask, cons, tail):
-        self.group, self.offset, self.prod = group, offset, prod
-        self.mask, self.cons, self.tail = mask, cons, tail
-        self.size = group.size
+    group: Any
+    offset: int
+    prod: str
+    mask: Node
+    cons: str
+    tail: tuple[Node, ...]
+    keep: int = 0
+    step: int = 1
+    touched: np.ndarray | None = None
+    target: float | None = None
+
+    @property
+    def size(self) -> int:
+        return self.group.size
+
+    @property
+    def units(self) -> slice:
+        return slice(self.offset, self.offset + self.size)
 
 
 def _mergeable(model: Net, space: PruneSpace, g, offset) -> _Layer | None:
@@ -230,12 +248,32 @@ def scale_scores(model: Net, space: PruneSpace) -> np.ndarray:
     return np.concatenate(scores)
 
 
-def _quotas(ctx: MethodContext) -> np.ndarray:
-    """Kept units per group meeting the budget, from a uniform-ratio ranking."""
-    space = ctx.space
-    pos = np.concatenate([-(np.arange(s) + 1.0) / s for s in space.sizes])
-    masks = ctx.decode(pos)
-    return np.array([int(masks[g].sum()) for g in space.group_names])
+def uniform_ranking(space: PruneSpace) -> np.ndarray:
+    """Unit scores that rank every group's units at the same relative positions
+    (decoded under a budget: the same keep ratio in every group, exactly)."""
+    return np.concatenate([-(np.arange(s) + 1.0) / s for s in space.sizes])
+
+
+def plan_layers(model: Net, space: PruneSpace, quotas, step: float):
+    """``(layers, scale_groups, alive)``: the mergeable Dense groups, each to
+    merge down to its quota ``step`` of its width at a time, and the other groups,
+    pruned at once to their quota by :func:`scale_scores` (``alive``: the units
+    kept so far)."""
+    alive = np.ones(space.num_units, bool)
+    layers, scale_groups, ranks = [], [], None
+    for g, o in zip(space.groups, space.offsets, strict=True):
+        lay = _mergeable(model, space, g, o)
+        if lay is None:
+            scale_groups.append(g.name)
+            if ranks is None:
+                ranks = rank_in_groups(scale_scores(model, space), space)
+            alive[o : o + g.size] = ranks[o : o + g.size] < quotas[g.name]
+        else:
+            lay.keep = int(quotas[g.name])
+            lay.step = max(1, math.ceil(step * g.size))
+            lay.touched = np.zeros(g.size, bool)
+            layers.append(lay)
+    return layers, scale_groups, alive
 
 
 def _disjoint_pairs(sal: np.ndarray, eligible: np.ndarray, limit: int):
@@ -259,7 +297,181 @@ def _disjoint_pairs(sal: np.ndarray, eligible: np.ndarray, limit: int):
     return pairs
 
 
+def bounds_function(net: Pretrained, model: Net, layers: list[_Layer]):
+    """A jitted ``(state, masks) -> bounds`` of ``model`` (same graph as
+    ``net``'s) from ``net``'s input box: the tensors the layers' masks and tail
+    ReLUs read, and the output."""
+    lo_box, hi_box = net.input_box
+    shape = (1, *net.input_shape)
+    x_lo = jnp.full(shape, lo_box, jnp.float32)
+    x_hi = jnp.full(shape, hi_box, jnp.float32)
+    graphdef, _ = nnx.split(model)
+    needed = frozenset(
+        {lay.mask.inputs[0] for lay in layers}
+        | {n.inputs[0] for lay in layers for n in lay.tail if n.op == "relu"}
+        | {model.nodes[-1].name}
+    )
+
+    @jax.jit
+    def bounds_fn(state, masks):
+        return propagate_bounds(
+            nnx.merge(graphdef, state), x_lo, x_hi, masks, keep=needed
+        )
+
+    return bounds_fn
+
+
+def pair_scorer(lay: _Layer, alpha: float, beta: float, original_delta: bool):
+    """A jitted scorer of candidate pairs ``(keep, remove)`` of ``lay``: the
+    interval score of each merge's output impact, ``vmap`` ped over the pairs."""
+
+    @jax.jit
+    def fn(params, bounds, masks, h_lo, h_hi, w_out, keep, remove, scale):
+        dlo, dhi = merge_delta(h_lo, h_hi, w_out, keep, remove, original=original_delta)
+
+        def one(lo, hi):
+            dl, du = propagate_delta(lay.tail, params, bounds, masks, lo, hi)
+            return interval_score(dl[None], du[None], alpha, beta, 0.9, scale)[0]
+
+        return jax.vmap(one)(dlo, dhi)
+
+    return fn
+
+
 # ------------------------------------------------------------------ the method
+
+
+@dataclasses.dataclass(frozen=True)
+class PaodingOptions:
+    """The options of :func:`paoding` (documented there)."""
+
+    mode: str = "stochastic"
+    step: float = 0.015625
+    alpha: float = 0.75
+    beta: float = 0.25
+    pooling_multiplier: int = 2
+    bias_aware: bool = False
+    recursive: bool = True
+    original_delta: bool = False
+    normalize: bool = False
+    max_walks: int = 100
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            known = ", ".join(MODES)
+            raise ValueError(f"unknown paoding mode {self.mode!r}; known: {known}")
+        if not 0.0 < self.step <= 1.0:
+            raise ValueError(f"step must be in (0, 1], got {self.step}")
+
+
+class Merger:
+    """The state of one Paoding run: the network being merged (``work``), the
+    ``alive`` units, the mergeable ``layers``; :meth:`epoch` merges every
+    unfinished layer by one step."""
+
+    def __init__(self, ctx: MethodContext, opts: PaodingOptions):
+        self.ctx, self.opts, self.space = ctx, opts, ctx.space
+        self.rng = np.random.default_rng(ctx.seed)
+        self.work = nnx.clone(ctx.net.model)
+        quotas = ctx.quotas(uniform_ranking(self.space))
+        self.layers, self.scale_groups, self.alive = plan_layers(
+            self.work, self.space, quotas, opts.step
+        )
+        self.merged = {lay.group.name: [] for lay in self.layers}
+        self.bounds_fn = bounds_function(ctx.net, self.work, self.layers)
+        self.scorers = {
+            lay.group.name: pair_scorer(lay, opts.alpha, opts.beta, opts.original_delta)
+            for lay in self.layers
+        }
+        self.evaluations, self.epochs, self.removed = 0, 0, []
+
+    def unfinished(self) -> bool:
+        return any(self.alive[lay.units].sum() > lay.keep for lay in self.layers)
+
+    def epoch(self) -> None:
+        self.epochs += 1
+        for lay in self.layers:
+            self.merge_layer(lay)
+        self.removed.append(int((~self.alive).sum()))
+
+    def merge_layer(self, lay: _Layer) -> None:
+        """Merges up to ``lay.step`` pairs of ``lay`` (no more than its quota)."""
+        live = self.alive[lay.units]
+        need = min(lay.step, int(live.sum()) - lay.keep)
+        if need <= 0:
+            return
+        pure = nnx.to_pure_dict(nnx.state(self.work.layers))
+        w_in = np.asarray(pure[lay.prod]["kernel"]).reshape(-1, lay.size).T
+        w_out = np.asarray(pure[lay.cons]["kernel"])
+        bias = np.asarray(pure[lay.prod]["bias"]) if self.opts.bias_aware else None
+        sal = pair_saliency(w_in, w_out, bias)
+        eligible = live & ~lay.touched
+        if eligible.sum() < 2 * need:
+            lay.touched[:] = False
+            eligible = live.copy()
+        for keep, remove in self.choose(lay, pure, w_out, sal, eligible, need):
+            w_out = merge_pair(w_out, keep, remove)
+            self.alive[lay.offset + remove] = False
+            lay.touched[remove] = True
+            lay.touched[keep] = not self.opts.recursive
+            self.merged[lay.group.name].append((keep, remove))
+        self.work.layers[lay.cons].kernel[...] = jnp.asarray(w_out)
+
+    def choose(self, lay: _Layer, pure, w_out, sal, eligible, need: int):
+        """The ``need`` pairs to merge, by the mode."""
+        mode = self.opts.mode
+        if mode == "baseline":
+            return _disjoint_pairs(sal, eligible, need)
+        limit = need * self.opts.pooling_multiplier if mode == "impact" else lay.size
+        pool = _disjoint_pairs(sal, eligible, limit)
+        scores = self.score_pool(lay, pure, w_out, pool)
+        self.evaluations += len(pool)
+        if mode == "impact":
+            best = np.argsort(scores, kind="stable")[:need]
+            return [pool[i] for i in sorted(best)]
+        return _anneal(pool, scores, need, lay, self.rng, self.opts.max_walks)
+
+    def score_pool(self, lay: _Layer, pure, w_out, pool) -> np.ndarray:
+        """Interval scores of merging each pair of ``pool`` (one jitted call)."""
+        masks = self.space.unflat(jnp.asarray(self.alive, jnp.float32))
+        bounds = self.bounds_fn(nnx.state(self.work), masks)
+        h_lo, h_hi = (b[0] for b in bounds[lay.mask.inputs[0]])
+        scale = 1.0
+        if self.opts.normalize:
+            o_lo, o_hi = bounds[self.work.nodes[-1].name]
+            scale = jnp.maximum((o_hi - o_lo).sum(), 1e-12)
+        bnd = {k: (v[0][0], v[1][0]) for k, v in bounds.items()}
+        size = 1 << max(0, (len(pool) - 1).bit_length())  # pad: few shapes
+        keep_i = np.array([p[0] for p in pool] + [0] * (size - len(pool)))
+        rem_i = np.array([p[1] for p in pool] + [1] * (size - len(pool)))
+        fn = self.scorers[lay.group.name]
+        scores = fn(
+            pure, bnd, masks, h_lo, h_hi, jnp.asarray(w_out), keep_i, rem_i, scale
+        )
+        return np.asarray(scores)[: len(pool)]
+
+    def result(self, seconds: float) -> MethodResult:
+        masks = {
+            k: np.asarray(v, bool) for k, v in self.space.unflat(self.alive).items()
+        }
+        details = {
+            "mode": self.opts.mode,
+            "epochs": self.epochs,
+            "step": self.opts.step,
+            "merged_pairs": {g: len(p) for g, p in self.merged.items()},
+            "scale_mode_groups": self.scale_groups,
+            "original_delta": self.opts.original_delta,
+        }
+        net = Pretrained(self.work, dict(self.ctx.net.card))
+        history = {"removed": np.asarray(self.removed)}
+        return MethodResult(
+            masks,
+            net,
+            history=history,
+            evaluations=self.evaluations,
+            seconds=seconds,
+            details=details,
+        )
 
 
 def paoding(
@@ -290,159 +502,23 @@ def paoding(
         max_walks: simulated-annealing walks per epoch before accepting the
             best-scored remaining pairs.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown paoding mode {mode!r}; known: {', '.join(MODES)}")
-    if not 0.0 < step <= 1.0:
-        raise ValueError(f"step must be in (0, 1], got {step}")
+    opts = PaodingOptions(
+        mode,
+        step,
+        alpha,
+        beta,
+        pooling_multiplier,
+        bias_aware,
+        recursive,
+        original_delta,
+        normalize,
+        max_walks,
+    )
     t0 = time.perf_counter()
-    rng = np.random.default_rng(ctx.seed)
-    space = ctx.space
-    work = nnx.clone(ctx.net.model)
-    quota_keep = _quotas(ctx)
-    alive = np.ones(space.num_units, bool)
-
-    layers, merged = [], {}
-    scale_groups = []
-    for gi, (g, o) in enumerate(zip(space.groups, space.offsets, strict=True)):
-        lay = _mergeable(work, space, g, o)
-        if lay is None:
-            scale_groups.append(g.name)
-            part = scale_scores(work, space)[o : o + g.size]
-            order = np.lexsort((np.arange(g.size), -part))
-            alive[o + order[quota_keep[gi] :]] = False
-        else:
-            lay.keep = int(quota_keep[gi])
-            lay.step = max(1, math.ceil(step * g.size))
-            lay.touched = np.zeros(g.size, bool)
-            lay.target = None
-            layers.append(lay)
-            merged[g.name] = []
-
-    lo_box, hi_box = ctx.net.input_box
-    shape = (1, *ctx.net.input_shape)
-    x_lo = jnp.full(shape, lo_box, jnp.float32)
-    x_hi = jnp.full(shape, hi_box, jnp.float32)
-    graphdef, state = nnx.split(work)
-    needed = frozenset(
-        {lay.mask.inputs[0] for lay in layers}
-        | {n.inputs[0] for lay in layers for n in lay.tail if n.op == "relu"}
-        | {work.nodes[-1].name}
-    )
-
-    @jax.jit
-    def bounds_fn(state, masks):
-        return propagate_bounds(
-            nnx.merge(graphdef, state), x_lo, x_hi, masks, keep=needed
-        )
-
-    score_fns = {}
-
-    def scorer(lay: _Layer):
-        if lay.group.name not in score_fns:
-
-            @jax.jit
-            def fn(params, bounds, masks, h_lo, h_hi, w_out, keep, remove, scale):
-                dlo, dhi = merge_delta(
-                    h_lo, h_hi, w_out, keep, remove, original=original_delta
-                )
-
-                def one(lo, hi):
-                    dl, du = propagate_delta(lay.tail, params, bounds, masks, lo, hi)
-                    return interval_score(dl[None], du[None], alpha, beta, 0.9, scale)[
-                        0
-                    ]
-
-                return jax.vmap(one)(dlo, dhi)
-
-            score_fns[lay.group.name] = fn
-        return score_fns[lay.group.name]
-
-    evaluations, epochs = 0, 0
-    history = {"removed": []}
-
-    def unfinished() -> bool:
-        return any(
-            alive[lay.offset : lay.offset + lay.size].sum() > lay.keep for lay in layers
-        )
-
-    while unfinished():
-        epochs += 1
-        for lay in layers:
-            sl = slice(lay.offset, lay.offset + lay.size)
-            live = alive[sl]
-            need = min(lay.step, int(live.sum()) - lay.keep)
-            if need <= 0:
-                continue
-            pure = nnx.to_pure_dict(nnx.state(work.layers))
-            k_in = np.asarray(pure[lay.prod]["kernel"])
-            w_in = k_in.reshape(-1, lay.size).T
-            w_out = np.asarray(pure[lay.cons]["kernel"])
-            bias = np.asarray(pure[lay.prod]["bias"]) if bias_aware else None
-            sal = pair_saliency(w_in, w_out, bias)
-            eligible = live & ~lay.touched
-            if eligible.sum() < 2 * need:
-                lay.touched[:] = False
-                eligible = live.copy()
-            if mode == "baseline":
-                chosen = _disjoint_pairs(sal, eligible, need)
-            else:
-                limit = need * pooling_multiplier if mode == "impact" else lay.size
-                pool = _disjoint_pairs(sal, eligible, limit)
-                masks = space.unflat(jnp.asarray(alive, jnp.float32))
-                bounds = bounds_fn(nnx.state(work), masks)
-                h_lo, h_hi = (b[0] for b in bounds[lay.mask.inputs[0]])
-                scale = 1.0
-                if normalize:
-                    o_lo, o_hi = bounds[work.nodes[-1].name]
-                    scale = jnp.maximum((o_hi - o_lo).sum(), 1e-12)
-                bnd = {k: (v[0][0], v[1][0]) for k, v in bounds.items()}
-                size = 1 << max(0, (len(pool) - 1).bit_length())  # pad: few shapes
-                keep_i = np.array([p[0] for p in pool] + [0] * (size - len(pool)))
-                rem_i = np.array([p[1] for p in pool] + [1] * (size - len(pool)))
-                scores = np.asarray(
-                    scorer(lay)(
-                        pure,
-                        bnd,
-                        masks,
-                        h_lo,
-                        h_hi,
-                        jnp.asarray(w_out),
-                        keep_i,
-                        rem_i,
-                        scale,
-                    )
-                )[: len(pool)]
-                evaluations += len(pool)
-                if mode == "impact":
-                    best = np.argsort(scores, kind="stable")[:need]
-                    chosen = [pool[i] for i in sorted(best)]
-                else:
-                    chosen = _anneal(pool, scores, need, lay, rng, max_walks)
-            for keep, remove in chosen:
-                w_out = merge_pair(w_out, keep, remove)
-                alive[lay.offset + remove] = False
-                lay.touched[remove] = True
-                lay.touched[keep] = not recursive
-                merged[lay.group.name].append((keep, remove))
-            work.layers[lay.cons].kernel[...] = jnp.asarray(w_out)
-        history["removed"].append(int((~alive).sum()))
-    masks = {k: np.asarray(v, bool) for k, v in space.unflat(alive).items()}
-    result_net = Pretrained(work, dict(ctx.net.card))
-    return MethodResult(
-        masks,
-        result_net,
-        history={k: np.asarray(v) for k, v in history.items()},
-        evaluations=evaluations,
-        seconds=time.perf_counter() - t0,
-        details={
-            "mode": mode,
-            "epochs": epochs,
-            "step": step,
-            "merged_pairs": {g: len(p) for g, p in merged.items()},
-            "scale_mode_groups": scale_groups,
-            "original_delta": original_delta,
-        },
-    )
+    merger = Merger(ctx, opts)
+    while merger.unfinished():
+        merger.epoch()
+    return merger.result(time.perf_counter() - t0)
 
 
 def _anneal(pool, scores, need, lay, rng, max_walks):

@@ -40,11 +40,12 @@ reward is the data-free fitness (no fine-tuning inside the search), and the
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..encoding import Budget, ProfileEncoding
+from ..encoding import Budget, ProfileEncoding, kept_fraction_fn
 from ..files import write_text_atomic
-from ..search import engine
-from ..search.profile_sampler import ProfileSampler
-from ..search.strategies import Strategy
+from ..search import GENOME_STRATEGIES, engine
+from ..space import PruneSpace
 from ..zoo import Pretrained, architecture_digest
 from . import MethodContext, MethodResult, register_method
 
@@ -172,13 +172,6 @@ def _applied(ctx: MethodContext, profile, rule, name) -> MethodResult:
     )
 
 
-def _kept_fraction(space, budget: Budget):
-    if budget.kind == "units":
-        return lambda masks: space.flat(masks).astype(jnp.float32).mean()
-    dense = space.dense_params if budget.kind == "params" else space.dense_flops
-    return lambda masks: space.cost_of_counts(space.counts(masks), budget.kind) / dense
-
-
 def _finish(ctx, masks, name, rule, save, result_kw, extra) -> MethodResult:
     profile = make_profile(ctx.net, masks, method=name, rule=rule, budget=ctx.budget)
     details = {"profile": profile, **extra}
@@ -227,9 +220,10 @@ def profile_random(
             raise ValueError(f"a grid of {len(levels)}^{g} profiles is too large")
         grid = np.array(list(itertools.product(levels, repeat=g)), np.float32)
         generations = max(1, math.ceil(len(grid) / p))
-    algo = ProfileSampler(p, g, grid)
-    strategy = Strategy("profile_random", algo, algo.default_params.replace(low=low))
-    problem = engine.Problem(enc.decode, ctx.fitness, _kept_fraction(space, ctx.budget))
+    strategy = GENOME_STRATEGIES["profile_sampler"](p, g, grid=grid, low=low)
+    problem = engine.Problem(
+        enc.decode, ctx.fitness, kept_fraction_fn(space, ctx.budget)
+    )
     result = engine.run(
         strategy, problem, jax.random.PRNGKey(ctx.seed), generations, chunk=chunk
     )
@@ -266,6 +260,162 @@ def perturbed_copy(net: Pretrained, scale: float, seed: int) -> Pretrained:
     return Pretrained(nnx.merge(graphdef, params, rest), card)
 
 
+def training_models(ctx: MethodContext, rule, copies, perturbation, models):
+    """``(nets, fitnesses)`` the policy trains on: ``ctx.net`` first, then the
+    given ``models`` (checked to share its architecture) or ``copies`` perturbed
+    copies (none when the fitness is a user callable), each with the call's
+    fitness spec on the same probes."""
+    from ..fitness import Fitness, compose
+
+    net, space, budget = ctx.net, ctx.space, ctx.budget
+    base_fit = ctx.fitness
+    if models is not None:
+        others = list(models)
+        mine = make_profile(
+            net, space.full_masks(), method="", rule=rule, budget=budget
+        )
+        for m in others:
+            check_profile(m, mine)
+    elif isinstance(base_fit, Fitness):
+        others = [
+            perturbed_copy(net, perturbation, ctx.seed * 1000 + i + 1)
+            for i in range(copies)
+        ]
+    else:  # a user callable: only the given network can be scored
+        others = []
+    fits = [base_fit]
+    for m in others:
+        fits.append(
+            compose(
+                m,
+                base_fit.spec(),
+                probes=base_fit.probes,
+                normalize=True,
+                combine=base_fit.combine,
+            )
+        )
+    return [net, *others], fits
+
+
+def expected_kept_fn(space: PruneSpace, budget: Budget) -> Callable:
+    """Ratios ``(G,)`` -> the kept fraction of the budget's measure if every group
+    kept exactly ``ratio * size`` units (fractional counts, before decoding)."""
+    sizes = jnp.asarray(space.sizes, jnp.float32)
+    dense = {
+        "units": float(space.num_units),
+        "params": float(space.dense_params),
+        "flops": float(space.dense_flops),
+    }[budget.kind]
+
+    def raw_kept(r):
+        counts = r * sizes
+        if budget.kind == "units":
+            return counts.sum() / dense
+        return space.cost_of_counts(counts, budget.kind) / dense
+
+    return raw_kept
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Reinforce:
+    """REINFORCE over per-group logits ``z`` (ratios ``sigmoid(z)``), a diagonal
+    Gaussian policy trained with ``opt``; sample ``j`` of a step is scored on
+    model ``j mod M`` (``encs``, ``fits``: one per model)."""
+
+    encs: list
+    fits: list
+    raw_kept: Callable
+    opt: Any
+    keep: float  # 1 - target
+    compression_weight: float
+    population: int
+
+    @property
+    def owner(self) -> np.ndarray:
+        return np.arange(self.population) % len(self.encs)
+
+    @property
+    def index(self) -> list[np.ndarray]:
+        return [np.flatnonzero(self.owner == m) for m in range(len(self.encs))]
+
+    def evaluate(self, z):
+        """``(P, G)`` logits -> ``(P,)`` fitness, sample ``j`` on model ``j % M``."""
+        r = jax.nn.sigmoid(z)
+        out = jnp.zeros((self.population,), jnp.float32)
+        for m, idx in enumerate(self.index):
+            masks = jax.vmap(self.encs[m].decode)(r[idx])
+            out = out.at[idx].set(jnp.asarray(self.fits[m](masks), jnp.float32))
+        return out
+
+    def advantages(self, reward):
+        """Rewards normalized per model."""
+        adv = jnp.zeros_like(reward)
+        for idx in self.index:
+            rm = reward[idx]
+            adv = adv.at[idx].set((rm - rm.mean()) / (rm.std() + 1e-8))
+        return adv
+
+    def step(self, carry, key):
+        """One policy-gradient step on ``population`` samples (a scan body)."""
+        params, opt_state, best_z, best_f = carry
+        sigma = jnp.exp(params["log_sigma"])
+        z = params["mu"] + sigma * jax.random.normal(key, (self.population, len(sigma)))
+        f = self.evaluate(z)
+        finite = jnp.isfinite(f)
+        worst = jnp.max(jnp.where(finite, f, -jnp.inf))
+        f_safe = jnp.where(finite, f, jnp.where(jnp.isfinite(worst), worst + 1, 1e3))
+        kept = jax.vmap(self.raw_kept)(jax.nn.sigmoid(z))
+        reward = -f_safe - self.compression_weight * (kept - self.keep) ** 2
+        adv = self.advantages(reward)
+
+        def loss(prm):
+            s = jnp.exp(prm["log_sigma"])
+            logp = (-0.5 * ((z - prm["mu"]) / s) ** 2 - prm["log_sigma"]).sum(-1)
+            return -(jax.lax.stop_gradient(adv) * logp).mean()
+
+        grads = jax.grad(loss)(params)
+        updates, opt_state = self.opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        f0 = jnp.where(jnp.asarray(self.owner == 0), f, jnp.inf)
+        i = jnp.argmin(f0)
+        better = f0[i] < best_f
+        best_z = jnp.where(better, z[i], best_z)
+        best_f = jnp.where(better, f0[i], best_f)
+        row = {"best": f0[i], "mean": f_safe.mean(), "reward": reward.mean()}
+        row["kept"] = kept.mean()
+        return (params, opt_state, best_z, best_f), row
+
+    def train(self, key, init_sigma: float, generations: int):
+        """All steps in one jitted scan from the policy centred on the budget's
+        ratio: ``((params, opt_state, best_z, best_f), history rows)``."""
+        g = self.encs[0].num_genes  # one ratio per group
+        mu0 = jnp.full((g,), math.log(self.keep / (1.0 - self.keep)), jnp.float32)
+        params0 = {"mu": mu0, "log_sigma": jnp.full((g,), math.log(init_sigma))}
+
+        @jax.jit
+        def run(key):
+            carry = (params0, self.opt.init(params0), mu0, jnp.array(jnp.inf))
+            keys = jax.random.split(key, generations)
+            return jax.lax.scan(self.step, carry, keys)
+
+        return run(key)
+
+
+def choose_profile(rl: Reinforce, params, best_z, best_f):
+    """The policy mean's profile or the best sample, whichever scores better on
+    model 0: ``(chosen, masks, fitness, mean ratios, mean fitness)``."""
+    mean_r = np.asarray(jax.nn.sigmoid(params["mu"]))
+    mean_masks = rl.encs[0].decode(mean_r)
+    mean_f = float(rl.fits[0](jax.tree.map(lambda a: a[None], mean_masks))[0])
+    if mean_f <= float(best_f):
+        chosen, masks, best = "policy_mean", mean_masks, mean_f
+    else:
+        chosen, best = "best_sample", float(best_f)
+        masks = rl.encs[0].decode(np.asarray(jax.nn.sigmoid(best_z)))
+    masks = {k: np.asarray(v, bool) for k, v in masks.items()}
+    return chosen, masks, best, mean_r, mean_f
+
+
 def profile_rl(
     ctx: MethodContext,
     *,
@@ -291,127 +441,28 @@ def profile_rl(
     """
     if profile is not None:
         return _applied(ctx, profile, rule, "profile_rl")
-    from ..fitness import Fitness, compose
-
     t0 = time.perf_counter()
-    net, space, budget = ctx.net, ctx.space, ctx.budget
-    base_fit = ctx.fitness
-    if models is not None:
-        others = list(models)
-        for m in others:
-            check_profile(
-                m,
-                make_profile(
-                    net, space.full_masks(), method="", rule=rule, budget=budget
-                ),
-            )
-    elif isinstance(base_fit, Fitness):
-        others = [
-            perturbed_copy(net, perturbation, ctx.seed * 1000 + i + 1)
-            for i in range(copies)
-        ]
-    else:  # a user callable: only the given network can be scored
-        others = []
-    nets = [net, *others]
-    fits = [base_fit]
-    for m in others:
-        fits.append(
-            compose(
-                m,
-                base_fit.spec(),
-                probes=base_fit.probes,
-                normalize=True,
-                combine=base_fit.combine,
-            )
-        )
+    space, budget, p = ctx.space, ctx.budget, ctx.population
+    nets, fits = training_models(ctx, rule, copies, perturbation, models)
     encs = [
         ProfileEncoding(m.model, space, budget, rule=rule, seed=ctx.seed) for m in nets
     ]
-    n_models, p, g = len(nets), ctx.population, len(space.groups)
-    if p < n_models:
-        raise ValueError(f"population {p} is smaller than the {n_models} models")
-    owner = np.arange(p) % n_models
-    index = [np.flatnonzero(owner == m) for m in range(n_models)]
-    keep = 1.0 - float(budget.target)
-    sizes = jnp.asarray(space.sizes, jnp.float32)
-    dense = {
-        "units": float(space.num_units),
-        "params": float(space.dense_params),
-        "flops": float(space.dense_flops),
-    }[budget.kind]
-
-    def raw_kept(r):
-        counts = r * sizes
-        if budget.kind == "units":
-            return counts.sum() / dense
-        return space.cost_of_counts(counts, budget.kind) / dense
-
-    def evaluate(z):  # (P, G) logits -> (P,) fitness, sample j on model j % M
-        r = jax.nn.sigmoid(z)
-        out = jnp.zeros((p,), jnp.float32)
-        for m in range(n_models):
-            masks = jax.vmap(encs[m].decode)(r[index[m]])
-            out = out.at[index[m]].set(jnp.asarray(fits[m](masks), jnp.float32))
-        return out
-
-    opt = optax.adam(learning_rate)
-    mu0 = jnp.full((g,), math.log(keep / (1.0 - keep)), jnp.float32)
-    params0 = {"mu": mu0, "log_sigma": jnp.full((g,), math.log(init_sigma))}
-
-    def step(carry, key):
-        params, opt_state, best_z, best_f = carry
-        sigma = jnp.exp(params["log_sigma"])
-        z = params["mu"] + sigma * jax.random.normal(key, (p, g))
-        f = evaluate(z)
-        finite = jnp.isfinite(f)
-        worst = jnp.max(jnp.where(finite, f, -jnp.inf))
-        f_safe = jnp.where(finite, f, jnp.where(jnp.isfinite(worst), worst + 1, 1e3))
-        kept = jax.vmap(raw_kept)(jax.nn.sigmoid(z))
-        reward = -f_safe - compression_weight * (kept - keep) ** 2
-        adv = jnp.zeros_like(reward)
-        for m in range(n_models):
-            rm = reward[index[m]]
-            adv = adv.at[index[m]].set((rm - rm.mean()) / (rm.std() + 1e-8))
-
-        def loss(prm):
-            s = jnp.exp(prm["log_sigma"])
-            logp = (-0.5 * ((z - prm["mu"]) / s) ** 2 - prm["log_sigma"]).sum(-1)
-            return -(jax.lax.stop_gradient(adv) * logp).mean()
-
-        grads = jax.grad(loss)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        f0 = jnp.where(jnp.asarray(owner == 0), f, jnp.inf)
-        i = jnp.argmin(f0)
-        better = f0[i] < best_f
-        best_z = jnp.where(better, z[i], best_z)
-        best_f = jnp.where(better, f0[i], best_f)
-        row = {
-            "best": f0[i],
-            "mean": f_safe.mean(),
-            "reward": reward.mean(),
-            "kept": kept.mean(),
-        }
-        return (params, opt_state, best_z, best_f), row
-
-    @jax.jit
-    def train(key):
-        carry = (params0, opt.init(params0), mu0, jnp.array(jnp.inf))
-        keys = jax.random.split(key, ctx.generations)
-        return jax.lax.scan(step, carry, keys)
-
-    (params, _, best_z, best_f), rows = train(jax.random.PRNGKey(ctx.seed))
+    if p < len(nets):
+        raise ValueError(f"population {p} is smaller than the {len(nets)} models")
+    rl = Reinforce(
+        encs,
+        fits,
+        expected_kept_fn(space, budget),
+        optax.adam(learning_rate),
+        1.0 - float(budget.target),
+        compression_weight,
+        p,
+    )
+    key = jax.random.PRNGKey(ctx.seed)
+    (params, _, best_z, best_f), rows = rl.train(key, init_sigma, ctx.generations)
     history = {k: np.asarray(v) for k, v in rows.items()}
     history["best_so_far"] = np.minimum.accumulate(history["best"])
-    mean_r = np.asarray(jax.nn.sigmoid(params["mu"]))
-    mean_masks = encs[0].decode(mean_r)
-    mean_f = float(fits[0](jax.tree.map(lambda a: a[None], mean_masks))[0])
-    if mean_f <= float(best_f):
-        chosen, masks, best = "policy_mean", mean_masks, mean_f
-    else:
-        chosen, best = "best_sample", float(best_f)
-        masks = encs[0].decode(np.asarray(jax.nn.sigmoid(best_z)))
-    masks = {k: np.asarray(v, bool) for k, v in masks.items()}
+    chosen, masks, best, mean_r, mean_f = choose_profile(rl, params, best_z, best_f)
     extra = {
         "chosen": chosen,
         "policy_mean_profile": dict(

@@ -13,8 +13,6 @@ on a start population.
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,16 +51,14 @@ class ProfileSampler(EvolutionaryAlgorithm):
     def _default_params(self) -> Params:
         return Params(low=0.05)
 
-    @partial(jax.jit, static_argnames=("self",))
-    def init(self, key, mean, params: Params) -> State:
+    def _init(self, key, params: Params) -> State:
         return State(
             best_solution=jnp.zeros((self.num_dims,)),
             best_fitness=jnp.array(jnp.inf),
             generation_counter=jnp.array(0, jnp.int32),
         )
 
-    @partial(jax.jit, static_argnames=("self",))
-    def ask(self, key, state: State, params: Params):
+    def _ask(self, key, state: State, params: Params):
         p = self.population_size
         if self.grid is None:
             shape = (p, self.num_dims)
@@ -70,13 +66,5 @@ class ProfileSampler(EvolutionaryAlgorithm):
         rows = (state.generation_counter * p + jnp.arange(p)) % len(self.grid)
         return jnp.asarray(self.grid)[rows], state
 
-    @partial(jax.jit, static_argnames=("self",))
-    def tell(self, key, population, fitness, state: State, params: Params):
-        i = jnp.argmin(fitness)
-        better = fitness[i] < state.best_fitness
-        state = state.replace(
-            best_solution=jnp.where(better, population[i], state.best_solution),
-            best_fitness=jnp.where(better, fitness[i], state.best_fitness),
-            generation_counter=state.generation_counter + 1,
-        )
-        return state, {}
+    def _tell(self, key, population, fitness, state: State, params: Params):
+        return state  # nothing is learned; the base tell keeps the best

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -179,8 +178,7 @@ class ScoreGA(EvolutionaryAlgorithm):
         u = jax.random.uniform(key, (self.population_size, self.num_dims), minval=-1)
         return u * jnp.asarray(self.bounds)
 
-    @partial(jax.jit, static_argnames=("self",))
-    def init(self, key, mean, params: Params) -> State:  # engine: (key, center, p)
+    def _init(self, key, params: Params) -> State:
         p, d = self.population_size, self.num_dims
         return State(
             population=self.kaiming_population(key),
@@ -215,8 +213,9 @@ class ScoreGA(EvolutionaryAlgorithm):
         elites = state.population[jnp.argsort(state.fitness)[:n_el]]
         return jnp.concatenate([elites, children])
 
-    @partial(jax.jit, static_argnames=("self",))
-    def ask(self, key, state: State, params: Params):
+    def _ask(self, key, state: State, params: Params):
+        """The Kaiming population first (evaluated as generation 1), then
+        offspring of the last evaluated one."""
         first = state.generation_counter == 0
         population = jax.lax.cond(
             first,
@@ -225,19 +224,14 @@ class ScoreGA(EvolutionaryAlgorithm):
         )
         return population, state
 
-    @partial(jax.jit, static_argnames=("self",))
-    def tell(self, key, population, fitness, state: State, params: Params):
+    def _tell(self, key, population, fitness, state: State, params: Params):
+        """Stores the evaluated population and follows the mutation schedule (the
+        base ``tell`` keeps the best and counts generations)."""
         fitness = jnp.where(jnp.isnan(fitness), jnp.inf, fitness)
-        i = jnp.argmin(fitness)
-        better = fitness[i] < state.best_fitness
         mean_g = goodness(fitness, self.goodness_kind).mean()
         rate = scheduled_rate(mean_g, state.mutation_rate, self.schedule)
-        state = state.replace(
+        return state.replace(
             population=population,
             fitness=fitness,
             mutation_rate=jnp.asarray(rate, jnp.float32),
-            best_solution=jnp.where(better, population[i], state.best_solution),
-            best_fitness=jnp.where(better, fitness[i], state.best_fitness),
-            generation_counter=state.generation_counter + 1,
         )
-        return state, {"mean_goodness": mean_g, "mutation_rate": rate}
