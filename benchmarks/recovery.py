@@ -96,10 +96,10 @@ the first `test_samples` test images (evaluation only). Rows:
 
 * **L1**: the same share of every hidden layer removed by L1 norm of incoming
   weights (as Neuron Merging), no compensation.
-* **+ merge**: `gp.recover.merge(method="cosine")`, Neuron Merging (Kim et al.,
+* **+ merge**: `gp.recover.repair(method="merge")`, Neuron Merging (Kim et al.,
   2020).
-* **+ lstsq**: `gp.recover.merge(method="lstsq", probes="gaussian",
-  num_probes=2048, ridge=0.01, prior="cosine")`: each consumer's kept rows re-fit
+* **+ lstsq**: `gp.recover.repair(method="lstsq", probes="gaussian",
+  num_probes=2048, ridge=0.01, prior="merge")`: each consumer's kept rows re-fit
   by ridge least squares on 2048 gaussian probes so its pre-activations match the
   dense ones, the ridge pulling towards the Neuron Merging weights.
 * **+ distill**: `gp.recover.distill` with its defaults (T=4, probes a fixed
@@ -176,7 +176,7 @@ def main() -> None:
         "probes": "gaussian",
         "num_probes": 2048,
         "ridge": 0.01,
-        "prior": "cosine",
+        "prior": "merge",
     }
     test = gp.data.fashion_mnist("test")
     if args.limit:
@@ -224,7 +224,7 @@ def main() -> None:
         for name in ("merge", "lstsq"):
             t0 = time.perf_counter()
             opts = lstsq_opts if name == "lstsq" else {}
-            bases[name] = gp.compact(gp.recover.merge(net, masks, **opts), masks)
+            bases[name] = gp.compact(gp.recover.repair(net, masks, **opts), masks)
             add(f"L1 + {name}", level, bases[name], t0)
         for name, base in bases.items():
             t0 = time.perf_counter()
@@ -305,7 +305,7 @@ def resnet20(args) -> None:
         add(name, found.pruned, time.perf_counter() - t0)
         for label, sequential in (("lstsq (all at once)", False), ("lstsq", True)):
             t0 = time.perf_counter()
-            repaired = gp.recover.merge(
+            repaired = gp.recover.repair(
                 net, found.masks, sequential=sequential, **lstsq
             )
             repaired = gp.compact(repaired, found.masks)
@@ -351,7 +351,7 @@ def _resnet_markdown(result) -> str:
 RESNET_NOTES = """\
 Rows: **L1** global L1 norm (`gp.prune(net, "l1", 0.5, budget="flops")`), **GA**
 `gp.prune` default fitness and GA (20 generations x 32), no compensation;
-**+ lstsq (all at once)** `gp.recover.merge(method="lstsq", sequential=False)`,
+**+ lstsq (all at once)** `gp.recover.repair(method="lstsq", sequential=False)`,
 every consumer fit to the dense network's inputs (what `repair="lstsq"` scores
 inside the fitness); **+ lstsq** the default, sequential: consumer after
 consumer, each fit on the inputs of the network repaired so far to the dense

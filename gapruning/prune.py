@@ -212,7 +212,7 @@ def finish(ctx: MethodContext, config: PruneConfig, found: MethodResult) -> Pret
     method = METHODS.get(config.strategy)
     if method is not None and not method.structured:
         return sparsify(found.net, found.masks)
-    small = getattr(found, "pruned", None)
+    small = found.pruned
     if small is not None and config.repair_method is not None:
         raise ValueError(
             f"method {config.strategy!r} returns a compacted network; it cannot be "

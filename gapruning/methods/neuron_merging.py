@@ -13,7 +13,7 @@ Compensating for Pruned Neurons", NeurIPS), in the spirit of Srinivas & Babu
    consumer layers' rows get ``W[i] += s * W[j]``, ``s = ||v_j|| / ||v_i||``
    (exact when ``v_j = s v_i`` and the activation is positively homogeneous).
 
-The compensation is :func:`gapruning.recover.merge` (``method="cosine"``), shared
+The compensation is :func:`gapruning.recover.repair` (``method="merge"``), shared
 with ``gp.prune(..., repair="merge")``; what differs from the paper is listed
 there (matching on the dense network's incoming weights, not layer after layer;
 BatchNorm folded into the incoming vector; residual-coupled groups left
@@ -32,16 +32,16 @@ from . import MethodContext, MethodResult, register_method
 
 def neuron_merging(ctx: MethodContext, threshold: float = 0.0) -> MethodResult:
     """L1 selection under the budget, then cosine merging compensation."""
-    from ..recover import merge
+    from ..recover import repair
 
     t0 = time.perf_counter()
     masks = ctx.decode(l1_unit_scores(ctx.net.model, ctx.space))
-    repaired = merge(ctx.net, masks, method="cosine", threshold=threshold)
+    repaired = repair(ctx.net, masks, method="merge", threshold=threshold)
     return MethodResult(
         masks,
         repaired,
         seconds=time.perf_counter() - t0,
-        details={"selection": "l1", "merge": "cosine", "threshold": threshold},
+        details={"selection": "l1", "repair": "merge", "threshold": threshold},
     )
 
 
