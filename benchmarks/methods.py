@@ -167,7 +167,7 @@ def markdown(summary, dense, settings, info, errors) -> str:
         f"{settings['load_average_at_end']:.1f} at the end (shared machine: "
         "seconds are indicative). Same ratio removed from every layer; no "
         "fine-tuning except gwcs's own distillation on probes (200 steps, "
-        "gp.recover.DISTILL_DEFAULTS for the network); search methods: "
+        "gp.recover.DistillConfig.for_teacher); search methods: "
         f"{settings['generations']} generations x {settings['population']} "
         f"individuals, default data-free fitness on {settings['num_probes']} "
         f"probes; Paoding: stochastic mode, step {settings['paoding_step']}. "

@@ -2,6 +2,7 @@
 
 from . import convert, data, fitness, models, recover, search
 from .compact import compact, param_count
+from .config import PruneConfig
 from .encoding import Budget, ProfileEncoding, UnitEncoding, WeightEncoding
 from .evaluate import evaluate
 from .forward import masked_apply, population_apply
@@ -14,6 +15,7 @@ __all__ = [
     "Budget",
     "MaskError",
     "Pretrained",
+    "PruneConfig",
     "ProfileEncoding",
     "PruneResult",
     "PruneSpace",
