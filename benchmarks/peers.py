@@ -319,7 +319,7 @@ def _rate(times, evals, generations):
 
 def engine_rate(strategy, problem, generations: int, repeats: int) -> dict:
     """gapruning's steady-state speed: ``generations`` as one jitted scan of the
-    engine (``search.engine.make_chunk``), compiled ahead and timed apart."""
+    engine (``search.engine.make_scan``), compiled ahead and timed apart."""
     import jax
     import jax.numpy as jnp
 
@@ -330,7 +330,7 @@ def engine_rate(strategy, problem, generations: int, repeats: int) -> dict:
     )(jax.random.PRNGKey(0))
     jax.block_until_ready(state)
     c0 = time.perf_counter()
-    scan = search.engine.make_chunk(strategy, problem, generations)
+    scan = search.engine.make_scan(strategy, problem, generations)
     scan = scan.lower(state).compile()
     compile_s = time.perf_counter() - c0
 

@@ -55,7 +55,7 @@ def engine_rate(strategy, problem, generations, repeats, chunk):
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     c0 = time.perf_counter()
-    make = search.engine.make_chunk
+    make = search.engine.make_scan
     scan = make(strategy, problem, generations).lower(state).compile()
     hop = make(strategy, problem, chunk).lower(state).compile()
     compile_s = time.perf_counter() - c0

@@ -201,11 +201,9 @@ def per_channel_chunk(model: Pretrained | Net, kernel_masks: bool = False) -> in
     input take the per-channel route of
     :func:`~gapruning.models.masked_layers.masked_contraction` (the largest
     :func:`~gapruning.models.masked_layers.per_channel_population`), when those
-    convolutions carry at least half of the per-individual multiply-adds; else 1.
-    LeNet-5 (its second convolution, 6 input channels, is 80% of them) ran 2.1x
-    faster in chunks of 8-32 than of 4 (2 CPU cores, 512 probes); ResNet-20 (its
-    first masked convolution is 5%) ran 2.8x slower in chunks of 16 than of 1, so
-    it keeps the activation budget."""
+    convolutions carry at least half of the per-individual multiply-adds; else 1
+    (then the per-channel route does not pay for the larger chunk, and the
+    activation budget decides)."""
     if kernel_masks:
         return 1
     net = _net(model)

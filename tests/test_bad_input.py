@@ -185,7 +185,9 @@ def test_nan_or_inf_individuals_score_inf_and_never_become_best(net, bad):
     scores = problem.evaluate(jnp.zeros((4, enc.num_genes)))
     assert scores[0] == jnp.inf and bool(jnp.all(jnp.isfinite(scores[1:])))
     strategy = search.make_strategy("evosax:SimpleGA", 8, enc.num_genes)
-    result = search.run(strategy, problem, jax.random.PRNGKey(0), 4, chunk=2)
+    result = search.run(
+        strategy, problem, jax.random.PRNGKey(0), 4, generations_per_scan=2
+    )
     assert np.isfinite(result.best_fitness)
     assert np.all(np.isfinite(result.history["best_so_far"]))
     assert result.best_fitness == result.history["best_so_far"][-1]

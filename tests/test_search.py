@@ -54,7 +54,11 @@ def planted():
 def _run(name, problem, enc, generations=12, chunk=4, seed=0, population=16):
     strategy = search.make_strategy(name, population, enc.num_genes)
     return search.run(
-        strategy, problem, jax.random.PRNGKey(seed), generations, chunk=chunk
+        strategy,
+        problem,
+        jax.random.PRNGKey(seed),
+        generations,
+        generations_per_scan=chunk,
     )
 
 
@@ -62,7 +66,9 @@ def _check_contract(make, problem, population=16, generations=12):
     """What every strategy meets, whatever its genome: best so far never worse,
     (P, genes) populations, a scan over chunks equal to a Python loop of single
     generations, the same result for the same seed. Returns the run's result."""
-    result = search.run(make(), problem, jax.random.PRNGKey(0), generations, chunk=4)
+    result = search.run(
+        make(), problem, jax.random.PRNGKey(0), generations, generations_per_scan=4
+    )
     best = result.history["best_so_far"]
     assert np.all(np.diff(best) <= 0), "best fitness got worse"
     assert result.best_fitness == best[-1] <= result.history["best"].min()
@@ -80,7 +86,9 @@ def _check_contract(make, problem, population=16, generations=12):
             np.asarray(state.history[k]), result.history[k], rtol=1e-6
         )
     # same seed, same result
-    again = search.run(make(), problem, jax.random.PRNGKey(0), generations, chunk=4)
+    again = search.run(
+        make(), problem, jax.random.PRNGKey(0), generations, generations_per_scan=4
+    )
     np.testing.assert_array_equal(again.best_genome, result.best_genome)
     return result
 
@@ -209,7 +217,9 @@ def test_ga_operators_all_make_progress(planted, selection, crossover):
     strategy = search.make_strategy(
         "ga", 16, enc.num_genes, selection=selection, crossover=crossover
     )
-    result = search.run(strategy, problem, jax.random.PRNGKey(1), 40, chunk=40)
+    result = search.run(
+        strategy, problem, jax.random.PRNGKey(1), 40, generations_per_scan=40
+    )
     assert result.best_fitness < result.history["best"][0] - 10
 
 
@@ -230,7 +240,9 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(planted, tmp_path
     _, enc, problem = planted
     strategy = search.make_strategy("ga", 16, enc.num_genes)
     sig = {"test": "resume"}
-    full = search.run(strategy, problem, jax.random.PRNGKey(3), 12, chunk=2)
+    full = search.run(
+        strategy, problem, jax.random.PRNGKey(3), 12, generations_per_scan=2
+    )
 
     class Stop(Exception):
         pass
@@ -249,7 +261,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(planted, tmp_path
             problem,
             jax.random.PRNGKey(3),
             12,
-            chunk=2,
+            generations_per_scan=2,
             callback=interrupt,
             checkpointer=ck,
         )
@@ -259,7 +271,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(planted, tmp_path
         problem,
         jax.random.PRNGKey(3),
         12,
-        chunk=2,
+        generations_per_scan=2,
         checkpointer=ck,
         resume=True,
     )
@@ -314,7 +326,8 @@ SCRIPT = textwrap.dedent("""
         return (jnp.exp(dense) * (dense - out)).sum(-1).mean(-1)
     try:
         r = gp.prune(net, "ga", 0.7, fitness=kl, generations=6,
-                     population=int(sys.argv[1]), progress=False, chunk=3)
+                     population=int(sys.argv[1]), progress=False,
+                     generations_per_scan=3)
     except ValueError as err:
         print(json.dumps({"error": str(err)})); raise SystemExit
     print(json.dumps({"devices": jax.device_count(), "fitness": r.search.best_fitness,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -125,7 +126,15 @@ def run_method(name: str, ctx: MethodContext, options: Mapping[str, Any]):
             f"method {name!r} chooses a keep ratio per layer itself; a per-group "
             "budget leaves it nothing to choose: use a global budget (per_group=False)"
         )
-    result = method.fn(ctx, **dict(options))
+    options = dict(options)
+    if "chunk" in options:  # the old name of generations_per_scan
+        warnings.warn(
+            f"{name} option chunk= is deprecated; use generations_per_scan=",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        options["generations_per_scan"] = options.pop("chunk")
+    result = method.fn(ctx, **options)
     if not isinstance(result, MethodResult):
         raise TypeError(f"method {name!r} returned {type(result)}, not MethodResult")
     return result

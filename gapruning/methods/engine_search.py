@@ -57,7 +57,7 @@ def engine_search(ctx: MethodContext, config: PruneConfig) -> MethodResult:
             problem,
             jax.random.PRNGKey(config.seed),
             config.generations,
-            chunk=config.generations_per_scan,
+            generations_per_scan=config.generations_per_scan,
             center=center,
             noise=noise,
             mesh=mesh,

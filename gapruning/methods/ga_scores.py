@@ -115,7 +115,7 @@ def ga_scores(
     goodness: str | None = None,
     labelled_fitness: tuple[Any, Any] | None = None,
     layers: tuple[str, ...] | None = None,
-    chunk: int = 10,
+    generations_per_scan: int = 10,
 ) -> MethodResult:
     """Evolves per-weight scores; returns kernel masks (layer -> bool kernel).
 
@@ -129,7 +129,7 @@ def ga_scores(
         labelled_fitness: ``(x, y)`` labelled arrays; **not data-free** (the
             paper's fitness, for reproducing it).
         layers: Dense/Conv layers to prune (default: all).
-        chunk: generations per jitted scan.
+        generations_per_scan: generations per jitted scan.
     """
     t0 = time.perf_counter()
     net = ctx.net
@@ -155,7 +155,11 @@ def ga_scores(
     )
     problem = engine.Problem(enc.decode, fit, kernel_kept_fraction_fn(enc))
     result = engine.run(
-        strategy, problem, jax.random.PRNGKey(ctx.seed), ctx.generations, chunk=chunk
+        strategy,
+        problem,
+        jax.random.PRNGKey(ctx.seed),
+        ctx.generations,
+        generations_per_scan=generations_per_scan,
     )
     masks = {k: np.asarray(v, bool) for k, v in result.best_masks.items()}
     details = {

@@ -103,7 +103,7 @@ def stage_problem(ctx: MethodContext, fit, prior, quota, masks, groups):
     return search.Problem(decode, fit, kept, encode), center
 
 
-def search_stages(ctx: MethodContext, plan, fit, gens, ga_options, chunk):
+def search_stages(ctx: MethodContext, plan, fit, gens, ga_options, scan):
     """The GA stage by stage (earlier stages fixed at their found masks); a
     result without ``seconds`` and ``details``."""
     space = ctx.space
@@ -120,7 +120,9 @@ def search_stages(ctx: MethodContext, plan, fit, gens, ga_options, chunk):
             "ga", ctx.population, len(center), **dict(ga_options or {})
         )
         key = jax.random.PRNGKey(ctx.seed + s)
-        result = search.run(strategy, problem, key, gens, chunk=chunk, center=center)
+        result = search.run(
+            strategy, problem, key, gens, generations_per_scan=scan, center=center
+        )
         masks.update({g: np.asarray(result.best_masks[g], bool) for g in groups})
         for k, v in result.history.items():
             history.setdefault(k, []).append(v)
@@ -155,7 +157,7 @@ def gwcs(
     distill_steps: int = 200,
     distill_options: dict | None = None,
     ga_options: dict | None = None,
-    chunk: int = 10,
+    generations_per_scan: int = 10,
 ) -> MethodResult:
     """Multi-stage GA with the wavelet fitness, then distillation; module doc.
 
@@ -173,7 +175,7 @@ def gwcs(
     plan = stage_groups(ctx.space, stages)
     fit, probes = stage_fitness(ctx, fitness)
     gens = max(1, ctx.generations // len(plan))
-    found = search_stages(ctx, plan, fit, gens, ga_options, chunk)
+    found = search_stages(ctx, plan, fit, gens, ga_options, generations_per_scan)
     small, distilled = None, None
     if distill_steps > 0:
         small, distilled = distill_compacted(

@@ -192,7 +192,7 @@ def profile_random(
     exhaustive: bool | str = "auto",
     save_profile: str | Path | None = None,
     profile=None,
-    chunk: int = 10,
+    generations_per_scan: int = 10,
 ) -> MethodResult:
     """Random (or exhaustive grid) search over profiles; see the module doc.
 
@@ -225,7 +225,11 @@ def profile_random(
         enc.decode, ctx.fitness, kept_fraction_fn(space, ctx.budget)
     )
     result = engine.run(
-        strategy, problem, jax.random.PRNGKey(ctx.seed), generations, chunk=chunk
+        strategy,
+        problem,
+        jax.random.PRNGKey(ctx.seed),
+        generations,
+        generations_per_scan=generations_per_scan,
     )
     masks = {k: np.asarray(v, bool) for k, v in result.best_masks.items()}
     extra = {

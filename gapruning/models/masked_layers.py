@@ -7,8 +7,8 @@ before the first mask are computed once) and only the mask carries the populatio
 axis, masking ``x`` materializes ``P`` copies of the activation and then runs ``P``
 small matmuls folded into the batch; masking the kernel instead stacks the ``P``
 masked kernels along the output axis and runs ONE wide matmul or convolution on the
-shared input. On a 2-core CPU this made LeNet-300-100's population forward at P=64
-3.4x faster (benchmarks/results/population_forward.md).
+shared input, which is much faster (measured in
+benchmarks/results/population_forward.md).
 
 A convolution with a ``k x k`` window has a cheaper form still when the population
 is at least as large as its input channels: ``conv(x * m, W) = sum_c m_c conv(x_c,
@@ -80,8 +80,8 @@ class ConvOp:
     def linear(self, dx: jax.Array, kernel: jax.Array) -> jax.Array:
         """``self(dx, kernel)`` for a tangent ``dx``, written as the transpose of
         :meth:`transpose`: reverse mode (input gradients: attacks, probe
-        synthesis) transposes it back into that fast form (10-step PGD through a
-        convolution 147 -> 33 ms on 2 CPU cores; same values)."""
+        synthesis) transposes it back into that fast form (same values, several
+        times faster than differentiating the raw convolution)."""
         out = jax.eval_shape(self.raw, dx, kernel)
         adjoint = functools.partial(self.transpose, kernel=kernel, in_hw=dx.shape[1:3])
         return jax.linear_transpose(adjoint, out)(dx)[0]

@@ -78,19 +78,11 @@ def repair(
     return Pretrained(model, card)
 
 
-def merge(
-    pretrained: Pretrained,
-    masks: Mapping,
-    probes=None,
-    method: str = "merge",
-    *,
-    sequential: bool = True,
-    **options,
-) -> Pretrained:
+def merge(*args, **kwargs) -> Pretrained:
     """Deprecated name of :func:`repair` (same arguments, same result)."""
     warnings.warn(
         "gapruning.recover.merge is deprecated; use gapruning.recover.repair",
         DeprecationWarning,
         stacklevel=2,
     )
-    return repair(pretrained, masks, probes, method, sequential=sequential, **options)
+    return repair(*args, **kwargs)

@@ -1,10 +1,11 @@
 """The search engine: many generations of ask -> decode -> fitness -> tell in one jit.
 
-A generation is :func:`step`. :func:`run` executes generations in chunks, each chunk
-one jitted ``jax.lax.scan``, so the host only reports progress and checkpoints
-between chunks. The whole search state (strategy state, key, best so far, history)
-is one pytree, :class:`SearchState`, which orbax checkpoints atomically; a resumed
-run produces exactly the masks of an uninterrupted one.
+A generation is :func:`step`. :func:`run` executes ``generations_per_scan``
+generations at a time as one jitted ``jax.lax.scan``, so the host only reports
+progress and checkpoints between scans. The whole search state (strategy state,
+key, best so far, history) is one pytree, :class:`SearchState`, which orbax
+checkpoints atomically; a resumed run produces exactly the masks of an
+uninterrupted one.
 
 With several devices the population axis is sharded over a 1-D mesh
 (``NamedSharding``); each device evaluates its slice of individuals. For a multi-host
@@ -155,18 +156,18 @@ def step(
     )
 
 
-def make_chunk(
+def make_scan(
     strategy: Strategy, problem: Problem, length: int, mesh: Mesh | None = None
 ):
     """A jitted function advancing a state by ``length`` generations in one scan."""
 
-    def chunk(state: SearchState) -> SearchState:
+    def scan(state: SearchState) -> SearchState:
         def body(s, _):
             return step(strategy, problem, s, mesh), None
 
         return jax.lax.scan(body, state, None, length=length)[0]
 
-    return jax.jit(chunk, donate_argnums=0)
+    return jax.jit(scan, donate_argnums=0)
 
 
 @dataclasses.dataclass
@@ -241,13 +242,28 @@ class Checkpointer:
         return None
 
 
+def scan_length(generations_per_scan: int, chunk: int | None) -> int:
+    """Generations per scan, checked; ``chunk`` is its deprecated name."""
+    name = "generations_per_scan"
+    if chunk is not None:
+        warnings.warn(
+            "search.run(chunk=) is deprecated; use generations_per_scan=",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        name, generations_per_scan = "chunk", chunk
+    if generations_per_scan < 1:
+        raise ValueError(f"{name} must be at least 1, got {generations_per_scan}")
+    return generations_per_scan
+
+
 def run(
     strategy: Strategy,
     problem: Problem,
     key: jax.Array,
     generations: int,
     *,
-    chunk: int = 10,
+    generations_per_scan: int = 10,
     center=None,
     noise: float = 1.0,
     mesh: Mesh | None = None,
@@ -255,20 +271,21 @@ def run(
     checkpointer: Checkpointer | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
+    chunk: int | None = None,
 ) -> SearchResult:
     """Runs ``generations`` generations of ``strategy`` on ``problem``.
 
     Args:
         key: a raw ``jax.random.PRNGKey``.
-        chunk: generations per jitted scan; the host reports between chunks.
+        generations_per_scan: generations per jitted scan; the host reports
+            between scans. ``chunk`` is its deprecated name.
         center, noise: the initial population is ``center + noise * N(0, 1)``.
         mesh: shard the population over this mesh (see :func:`population_mesh`).
-        callback: called with the state after every chunk (progress display).
-        checkpointer: save the state every ``checkpoint_every`` chunks; with
+        callback: called with the state after every scan (progress display).
+        checkpointer: save the state every ``checkpoint_every`` scans; with
             ``resume`` start from its newest checkpoint.
     """
-    if chunk < 1:
-        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    generations_per_scan = scan_length(generations_per_scan, chunk)
     t0 = time.perf_counter()
     start = (
         jax.jit(
@@ -286,24 +303,24 @@ def run(
         if restored is not None:
             state = restored
     jax.block_until_ready(state)
-    chunks: dict[int, Callable] = {}
+    scans: dict[int, Callable] = {}
     done = int(state.generation)
-    n_chunks = 0
+    n_scans = 0
     while done < generations:
-        length = min(chunk, generations - done)
-        if length not in chunks:
+        length = min(generations_per_scan, generations - done)
+        if length not in scans:
             c0 = time.perf_counter()
-            chunks[length] = (
-                make_chunk(strategy, problem, length, mesh).lower(state).compile()
+            scans[length] = (
+                make_scan(strategy, problem, length, mesh).lower(state).compile()
             )
             compile_seconds += time.perf_counter() - c0
-        state = chunks[length](state)
+        state = scans[length](state)
         done += length
-        n_chunks += 1
+        n_scans += 1
         if callback is not None:
             callback(state)
         if checkpointer is not None and (
-            n_chunks % checkpoint_every == 0 or done == generations
+            n_scans % checkpoint_every == 0 or done == generations
         ):
             checkpointer.save(state)
     jax.block_until_ready(state)

@@ -1,0 +1,98 @@
+"""PruneConfig: gp.prune's options in one checked object."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import gapruning as gp
+from gapruning.config import POSITIONAL, PruneConfig, make_config
+
+
+def test_defaults_follow_the_documented_call():
+    config = PruneConfig()
+    assert (config.strategy, config.target, config.budget) == ("ga", 0.7, "units")
+    assert (config.generations, config.population, config.num_probes) == (200, 64, 512)
+    assert config.generations_per_scan == 10 and config.chunk_size == "auto"
+    assert config.repair_method is None and not config.distill
+
+
+def test_positional_arguments_map_onto_fields_in_order():
+    args = ("random", 0.5, "params", "fidelity", 3, 8, 16, 4, None, False)
+    config = make_config(None, args, {})
+    assert [getattr(config, k) for k in POSITIONAL] == list(args)
+
+
+def test_settings_are_json_and_carry_only_what_was_asked():
+    plain = PruneConfig().settings()
+    assert json.loads(json.dumps(plain)) == plain
+    assert "dtype" not in plain and "repair" not in plain and "chunk_size" not in plain
+    asked = PruneConfig(
+        dtype="bfloat16", chunk_size=8, repair="lstsq", recover="distill"
+    ).settings()
+    assert asked["dtype"] == "bfloat16" and asked["chunk_size"] == 8
+    assert asked["repair"] == "lstsq" and asked["recover"] == ["distill"]
+    assert PruneConfig(fitness=len).settings()["fitness"] == "len"
+
+
+def test_unknown_and_repeated_keywords_are_refused_by_name():
+    with pytest.raises(TypeError, match=r"unknown keyword\(s\) \['generation'\]"):
+        make_config(None, (), {"generation": 3})
+    with pytest.raises(TypeError, match="'strategy' twice"):
+        make_config(None, ("ga",), {"strategy": "random"})
+    with pytest.raises(TypeError, match="at most 11 positional"):
+        make_config(None, tuple(range(11)), {})
+
+
+def test_the_old_keyword_chunk_warns_and_names_itself_in_errors():
+    with pytest.warns(DeprecationWarning, match="generations_per_scan"):
+        config = make_config(None, (), {"chunk": 3})
+    assert config.generations_per_scan == 3
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError) as error:
+        make_config(None, (), {"chunk": 0})
+    assert str(error.value) == "chunk must be at least 1, got 0"
+    with pytest.raises(ValueError, match="^generations_per_scan must be at least 1"):
+        make_config(None, (), {"generations_per_scan": 0})
+
+
+def test_repair_names_and_recover_steps():
+    assert PruneConfig(repair="cosine").repair_method == "merge"
+    assert PruneConfig(recover=("lstsq", "distill")).repair_method == "lstsq"
+    assert PruneConfig(recover=("lstsq", "distill")).distill
+    assert PruneConfig(repair="merge", recover=("merge",)).repair_method == "merge"
+    with pytest.raises(ValueError, match="one merge method"):
+        PruneConfig(repair="merge", recover=("lstsq",))
+    with pytest.raises(ValueError, match="unknown recover step"):
+        PruneConfig(recover=("finetune",))
+    with pytest.raises(ValueError, match="unknown repair 'prune'"):
+        PruneConfig(repair="prune")
+    with pytest.raises(ValueError, match="composed fitness"):
+        PruneConfig(repair="merge", fitness=len)
+
+
+def test_recover_options_key_merge_is_read_as_repair():
+    with pytest.warns(DeprecationWarning, match='"repair"'):
+        config = PruneConfig(recover_options={"merge": {"ridge": 0.1}})
+    assert config.recover_options == {"repair": {"ridge": 0.1}}
+    with pytest.raises(ValueError, match="unknown recover_options key"):
+        PruneConfig(recover_options={"finetune": {}})
+
+
+def test_a_config_is_reused_and_overridden_by_keywords():
+    net = gp.load("paoding_mlp-fmnist")
+    base = PruneConfig(
+        target=0.5,
+        fitness="fidelity",
+        probes="gaussian",
+        num_probes=16,
+        generations=2,
+        population=4,
+        progress=False,
+    )
+    by_config = gp.prune(net, config=base, seed=1)
+    by_keywords = gp.prune(net, **{**dataclasses.asdict(base), "seed": 1})
+    assert by_config.config == dataclasses.replace(base, seed=1)
+    for group, mask in by_config.masks.items():
+        np.testing.assert_array_equal(mask, by_keywords.masks[group])
+    assert by_config.report()["settings"] == by_keywords.report()["settings"]
