@@ -106,3 +106,22 @@ def test_missing_dataset_is_a_clear_error(monkeypatch, capsys, tmp_path):
 def test_debug_shows_the_traceback():
     r = run("--debug", "eval", "--model", "nope")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_eval_of_a_pruned_model_shows_its_dense_parent_beside_it(tmp_path, capsys):
+    pruned = gp.prune("paoding_mlp-fmnist", "l1", 0.5, progress=False).pruned
+    gp.save(pruned, tmp_path / "model")
+    args = ["eval", "--model", str(tmp_path / "model"), "--limit", "200"]
+    args += ["--attacks", "fgsm", "--eps", "0.05"]
+    assert cli.main([*args, "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    test = gp.data.fashion_mnist("test")
+    first = (test.images[:200], test.labels[:200])
+    dense = gp.evaluate(gp.load("paoding_mlp-fmnist"), first, attacks=())
+    assert m["dense"]["accuracy"] == dense["accuracy"]
+    assert m["accuracy"] == gp.evaluate(pruned, first, attacks=())["accuracy"]
+    assert cli.main(args) == 0
+    table = capsys.readouterr().out
+    assert "dense" in table and f"{dense['accuracy']:.4f}" in table
+    assert cli.main([*args, "--json", "--no-dense"]) == 0
+    assert "dense" not in json.loads(capsys.readouterr().out)
