@@ -84,7 +84,8 @@ def _table(net, data, metrics, dense, attacks):
 
     title = f"{net.name} on {data.name} ({metrics['num_samples']} samples)"
     table = Table(title=title)
-    for name in ("attack", "eps", *(["dense"] if dense else []), "accuracy"):
+    accuracy = ["dense", "pruned"] if dense else ["accuracy"]
+    for name in ("attack", "eps", *accuracy):
         table.add_column(name, justify="left" if name == "attack" else "right")
     table.add_column("robustness preservation", justify="right")
 
