@@ -23,8 +23,13 @@ Each (model, dtype) row runs in a fresh process by default (``--isolate``), so a
 device's peak memory is that row's own. A row that cannot run is recorded as
 skipped or failed with its reason, never with made-up numbers.
 
+The report is rewritten after every row (a run killed part-way keeps its finished
+rows); ``--merge`` adds this run's rows to a saved report of the same device kind
+and settings (e.g. ResNet-50 measured in a second call); ``--row-timeout`` bounds an
+isolated row.
+
 Run: ``python benchmarks/accelerator.py`` (on a GPU), or ``--quick`` (population 4,
-8 probes, 2 generations, resnet20-fmnist float32: well under a minute on CPU).
+8 probes, 2 generations, resnet20-fmnist float32: under a minute on CPU).
 """
 
 from __future__ import annotations
@@ -100,6 +105,18 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny, for the test suite")
     ap.add_argument("--out", default=str(RESULTS / "accelerator"), help="file stem")
     ap.add_argument("--note", default="", help="a sentence for the report's header")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of OUT.json this run does not measure (same device "
+        "kind and settings required)",
+    )
+    ap.add_argument(
+        "--row-timeout",
+        type=float,
+        default=None,
+        help="seconds one isolated row may take (then recorded as failed)",
+    )
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # model dtype json
     args = ap.parse_args(argv)
     if args.quick:
@@ -310,12 +327,23 @@ def _memory() -> dict:
     return {"device": device_memory(), "host_peak_rss_bytes": rss_bytes()}
 
 
-def measure_isolated(model: str, dtype: str, argv: list[str], log=print) -> dict:
+def measure_isolated(
+    model: str, dtype: str, argv: list[str], log=print, timeout: float | None = None
+) -> dict:
     """:func:`measure` in a fresh process (the device's peak is the row's own)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, __file__, *argv, "--child", model, dtype, str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log(f"{model} {dtype}: timed out after {timeout:g} s")
+            return {
+                "model": model,
+                "dtype": dtype,
+                "status": "failed",
+                "reason": f"timed out after {timeout:g} s (--row-timeout)",
+            }
         if proc.returncode == 0 and out.exists():
             return json.loads(out.read_text())
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -328,43 +356,97 @@ def measure_isolated(model: str, dtype: str, argv: list[str], log=print) -> dict
         }
 
 
-def run(args, argv: list[str] | None = None, log=print) -> dict:
-    """Every (model, dtype) row -> the report (nothing written)."""
+SETTINGS = (
+    "population",
+    "probes",
+    "generations",
+    "target",
+    "scan_length",
+    "repeats",
+    "seed",
+    "isolate",
+    "quick",
+)
+
+
+def run(args, argv: list[str] | None = None, log=print, on_row=None) -> dict:
+    """Every (model, dtype) row -> the report (nothing written); ``on_row`` gets
+    the report so far after every row (to save partial results)."""
     info = machine()
     info["platform"] = jax.default_backend()
     info["device_kind"] = jax.devices()[0].device_kind
     info["device_count"] = jax.device_count()
     t0 = time.perf_counter()
-    rows = []
+    report = {
+        "machine": info,
+        "settings": {k: getattr(args, k) for k in SETTINGS},
+        "note": args.note,
+        "command": "python benchmarks/accelerator.py " + _shell(argv or []),
+        "rows": [],
+    }
     for model in args.models:
         for dtype in args.dtypes:
             if args.isolate:
-                row = measure_isolated(model, dtype, argv or [], log)
+                row = measure_isolated(
+                    model, dtype, argv or [], log, timeout=args.row_timeout
+                )
             else:
                 row = measure(model, dtype, args, log)
             log(json.dumps(_summary(row)))
-            rows.append(row)
-    info["load_average_at_end"] = os.getloadavg()[0]
-    return {
-        "machine": info,
-        "settings": {
-            k: getattr(args, k)
-            for k in (
-                "population",
-                "probes",
-                "generations",
-                "target",
-                "scan_length",
-                "repeats",
-                "seed",
-                "isolate",
-                "quick",
+            report["rows"].append(row)
+            info["load_average_at_end"] = os.getloadavg()[0]
+            report["total_s"] = time.perf_counter() - t0
+            if on_row is not None:
+                on_row(report)
+    return report
+
+
+def _shell(argv: list[str]) -> str:
+    import shlex
+
+    skip = {"--note", "--out"}
+    kept, i = [], 0
+    while i < len(argv):
+        if argv[i] in skip:
+            i += 2
+            continue
+        kept.append(argv[i])
+        i += 1
+    return shlex.join(kept)
+
+
+def check_mergeable(old: dict, machine_part: dict, settings: dict) -> None:
+    """Refuses (one line) to merge rows of another device kind or settings."""
+    parts = (("machine", machine_part, ("platform", "device_kind")),)
+    parts += (("settings", settings, SETTINGS),)
+    for part, new, keys in parts:
+        a = {k: old[part].get(k) for k in keys}
+        b = {k: new.get(k) for k in keys}
+        if a != b:
+            raise SystemExit(
+                f"--merge: the saved report differs in {part}: {a} there, {b} now"
             )
-        },
-        "note": args.note,
-        "rows": rows,
-        "total_s": time.perf_counter() - t0,
-    }
+
+
+def merge(new: dict, old: dict) -> dict:
+    """``new`` plus the rows of ``old`` it did not measure, in model/dtype order;
+    refused when the two ran on different device kinds or settings."""
+    check_mergeable(old, new["machine"], new["settings"])
+    done = {(r["model"], r["dtype"]) for r in new["rows"]}
+    rows = new["rows"] + [
+        r for r in old["rows"] if (r["model"], r["dtype"]) not in done
+    ]
+    order = {m: i for i, m in enumerate(MODELS)}
+    rows.sort(key=lambda r: (order.get(r["model"], 99), DTYPES.index(r["dtype"])))
+    notes = [n for n in (old.get("note"), new.get("note")) if n]
+    merged = dict(new, rows=rows, note="\n\n".join(dict.fromkeys(notes)))
+    commands = [old.get("command"), new.get("command")]
+    merged["command"] = "; ".join(dict.fromkeys(c for c in commands if c))
+    merged["total_s"] = new.get("total_s", 0.0) + old.get("total_s", 0.0)
+    merged["merged_from"] = old.get("merged_from", []) + [
+        {k: old["machine"].get(k) for k in ("date", "load_average_at_start")}
+    ]
+    return merged
 
 
 def _summary(row) -> dict:
@@ -419,8 +501,6 @@ def markdown(report: dict) -> str:
     ]
     if s["quick"]:
         lines += ["", "Quick mode (the test suite's size): not representative."]
-    if report.get("note"):
-        lines += ["", report["note"]]
     lines += [
         "",
         "| model | dtype | s/generation (min-max) | evals/s | compile s | "
@@ -450,12 +530,14 @@ def markdown(report: dict) -> str:
             f"{t['flops_kept']:.3f} | {peak} | {compiled} | "
             f"{_mib(mem['host_peak_rss_bytes'])} |"
         )
+    if report.get("note"):
+        lines += ["", report["note"]]
     lines += [
         "",
-        f"Total benchmark time {report['total_s']:.0f} s. The time to result "
+        f"Total benchmark time {report.get('total_s', 0.0):.0f} s. The time to result "
         f"covers {s['generations']} generations; a run of G generations takes "
         "about fitness build + search compile + G x s/generation (+ compaction). "
-        "Rebuild: `python benchmarks/accelerator.py` with the settings above.",
+        f"Command: `{report.get('command', 'python benchmarks/accelerator.py')}`.",
         "",
     ]
     return "\n".join(lines)
@@ -478,9 +560,19 @@ def main(argv=None) -> None:
             row = measure(model, dtype, args, log=lambda *a: None)
         write_text_atomic(Path(out), json.dumps(row, default=str))
         return
-    report = run(args, argv)
-    write_report(report, args.out)
-    print(markdown(report))
+    old = None
+    saved = Path(args.out).with_suffix(".json")
+    if args.merge and saved.exists():
+        old = json.loads(saved.read_text())
+        here = {"platform": jax.default_backend()}
+        here["device_kind"] = jax.devices()[0].device_kind
+        check_mergeable(old, here, {k: getattr(args, k) for k in SETTINGS})
+
+    def save(report):
+        write_report(report if old is None else merge(report, old), args.out)
+
+    report = run(args, argv, on_row=save)
+    print(markdown(report if old is None else merge(report, old)))
 
 
 if __name__ == "__main__":

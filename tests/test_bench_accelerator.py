@@ -100,3 +100,28 @@ def test_parse_rejects_unknown():
         acc.parse(["--models", "resnet18"])
     with pytest.raises(SystemExit):
         acc.parse(["--population", "0"])
+
+
+def test_merge(report):
+    """A second run (e.g. ResNet-50 alone on the same GPU) adds its rows to the
+    saved report; another device kind or other settings are refused."""
+    other = json.loads(json.dumps(report))
+    other["rows"][0]["dtype"] = "bfloat16"
+    other["command"] = "second"
+    merged = acc.merge(other, json.loads(json.dumps(report)))
+    assert [(r["model"], r["dtype"]) for r in merged["rows"]] == [
+        ("resnet20-fmnist", "float32"),
+        ("resnet20-fmnist", "bfloat16"),
+    ]
+    assert merged["command"].endswith("; second")
+    # the same row measured again replaces the saved one
+    again = acc.merge(json.loads(json.dumps(report)), merged)
+    assert len(again["rows"]) == 2
+    bigger = json.loads(json.dumps(report))
+    bigger["settings"]["population"] = 64
+    with pytest.raises(SystemExit, match="settings"):
+        acc.merge(bigger, report)
+    gpu = json.loads(json.dumps(report))
+    gpu["machine"]["device_kind"] = "NVIDIA H100 80GB HBM3"
+    with pytest.raises(SystemExit, match="machine"):
+        acc.merge(gpu, report)
