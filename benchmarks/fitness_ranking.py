@@ -534,6 +534,17 @@ def markdown(report) -> str:
         "seconds are scoring only.",
         "",
     ]
+    lines += [
+        "## Summary: the default composite against the oracle",
+        "",
+        "| case | oracle, random | oracle, frontier | default, random "
+        "| default, frontier |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for case, table in report["summary"].items():
+        cells = [table[k][kind] for k in (ORACLE, DEFAULT) for kind in MASK_KINDS]
+        lines.append(f"| {case} | " + " | ".join(fmt(c) for c in cells) + " |")
+    lines.append("")
     for case, table in report["summary"].items():
         ci = report["cases"][case]
         cfg = ci.get("config", report["config"])
@@ -555,6 +566,15 @@ def markdown(report) -> str:
             f"{acc['random']:.4f}, of the frontier masks {acc['frontier']:.4f}; "
             f"{ci['seconds']:.0f} s.",
             "",
+        ]
+        skipped = [k for k in table if k not in ci["labels"]]
+        if skipped:
+            lines += [
+                "Not run for this case (left out with `--metrics`/`--probe-kinds` "
+                "to save time): " + ", ".join(skipped) + ".",
+                "",
+            ]
+        lines += [
             "| score | random | frontier | seconds per seed |",
             "| --- | ---: | ---: | ---: |",
         ]
@@ -673,6 +693,11 @@ def parse(argv=None) -> argparse.Namespace:
         action="store_true",
         help="keep the cases of an existing output that this run does not redo",
     )
+    ap.add_argument(
+        "--render-only",
+        action="store_true",
+        help="only rewrite the .md and .png of --out from its .json",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         defaults = ap.parse_args([])
@@ -691,6 +716,11 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse(argv)
+    if args.render_only:  # rewrite .md and .png from the .json
+        report = json.loads(Path(args.out).with_suffix(".json").read_text())
+        write_report(report, Path(args.out))
+        print(markdown(report))
+        return
     report = run(args)
     stem = Path(args.out)
     if args.merge and stem.with_suffix(".json").exists():
