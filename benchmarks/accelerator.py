@@ -58,9 +58,8 @@ from common import RESULTS, machine  # noqa: E402
 import gapruning as gp  # noqa: E402
 from gapruning import search  # noqa: E402
 from gapruning.config import PruneConfig  # noqa: E402
-from gapruning.encoding import kept_fraction_fn  # noqa: E402
 from gapruning.files import write_text_atomic  # noqa: E402
-from gapruning.methods.engine_search import make_encoding  # noqa: E402
+from gapruning.methods.engine_search import make_search  # noqa: E402
 
 # ``gapruning.prune`` the module (``gp.prune`` is the function)
 prune_stages = importlib.import_module("gapruning.prune")
@@ -243,21 +242,9 @@ def time_to_result(net, config: PruneConfig) -> tuple[dict, object, object]:
 def steady_generation(ctx, config: PruneConfig, length: int, repeats: int) -> dict:
     """The engine's generation scan as ``engine_search`` builds it: compile time,
     compiled memory, and seconds per generation over ``repeats`` timed scans."""
-    encoding = make_encoding(ctx, config)
-    strategy = search.make_strategy(
-        config.strategy, config.population, encoding.num_genes
-    )
-    problem = search.Problem(
-        encoding.decode,
-        ctx.fitness,
-        kept_fraction_fn(ctx.space, ctx.budget),
-        encoding.encode if encoding.name == "units" else None,
-    )
-    center, noise = encoding.search_start(config.init)
-    devices = jax.devices()
-    mesh = (
-        search.population_mesh(config.population, devices) if len(devices) > 1 else None
-    )
+    setup = make_search(ctx, config)
+    strategy, problem, mesh = setup.strategy, setup.problem, setup.mesh
+    center, noise = setup.center, setup.noise
     key = jax.random.PRNGKey(config.seed)
     state = jax.jit(
         lambda k: search.engine.init(

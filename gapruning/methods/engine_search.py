@@ -8,7 +8,9 @@ initial population, the strategy, sharding over devices and checkpoints, then
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any
 
 import jax
 
@@ -26,8 +28,22 @@ from ..zoo import architecture_digest
 from . import MethodContext, MethodResult
 
 
-def engine_search(ctx: MethodContext, config: PruneConfig) -> MethodResult:
-    """Searches masks for ``ctx`` with the engine strategy ``config.strategy``."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class SearchSetup:
+    """What :func:`gapruning.search.run` needs for one engine search: the
+    strategy, the problem, the first population's ``center``/``noise`` and the
+    device ``mesh`` (``None`` on one device)."""
+
+    strategy: search.Strategy
+    problem: search.Problem
+    center: jax.Array | None
+    noise: float
+    mesh: Any
+    num_devices: int
+
+
+def make_search(ctx: MethodContext, config: PruneConfig) -> SearchSetup:
+    """The engine search ``config`` asks for, built but not run."""
     encoding = make_encoding(ctx, config)
     strategy = search.make_strategy(
         config.strategy,
@@ -51,18 +67,24 @@ def engine_search(ctx: MethodContext, config: PruneConfig) -> MethodResult:
     mesh = (
         search.population_mesh(config.population, devices) if len(devices) > 1 else None
     )
+    return SearchSetup(strategy, problem, center, noise, mesh, len(devices))
+
+
+def engine_search(ctx: MethodContext, config: PruneConfig) -> MethodResult:
+    """Searches masks for ``ctx`` with the engine strategy ``config.strategy``."""
+    setup = make_search(ctx, config)
     with progress_bar(config.progress) as bar:
         found = search.run(
-            strategy,
-            problem,
+            setup.strategy,
+            setup.problem,
             jax.random.PRNGKey(config.seed),
             config.generations,
             generations_per_scan=config.generations_per_scan,
-            center=center,
-            noise=noise,
-            mesh=mesh,
+            center=setup.center,
+            noise=setup.noise,
+            mesh=setup.mesh,
             callback=progress_callback(bar, ctx, config),
-            checkpointer=make_checkpointer(ctx, config, len(devices)),
+            checkpointer=make_checkpointer(ctx, config, setup.num_devices),
             checkpoint_every=config.checkpoint_every,
             resume=config.resume,
         )
