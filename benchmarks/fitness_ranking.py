@@ -62,18 +62,15 @@ from common import RESULTS, machine  # noqa: E402
 
 import gapruning as gp  # noqa: E402
 from gapruning import search  # noqa: E402
-from gapruning.encoding import (  # noqa: E402
-    Budget,
-    UnitEncoding,
-    kept_fraction_fn,
-    l1_unit_scores,
-    standardize_per_group,
-)
+from gapruning.config import PruneConfig  # noqa: E402
+from gapruning.encoding import Budget, UnitEncoding, kept_fraction_fn  # noqa: E402
 from gapruning.files import replaced_atomically, write_text_atomic  # noqa: E402
 from gapruning.fitness.compose import (  # noqa: E402
     DEFAULT_PROBES_BN,
     DEFAULT_PROBES_NO_BN,
 )
+from gapruning.methods import MethodContext  # noqa: E402
+from gapruning.methods.engine_search import make_search  # noqa: E402
 from gapruning.probes import PROBE_KINDS  # noqa: E402
 
 # model -> (budget kind, fraction removed)
@@ -122,24 +119,22 @@ def frontier_masks(net, budget: Budget, fitness, num: int, generations: int, see
 
     Returns ``(masks, info)``; ``info`` has the search's history and timing."""
     space = net.space
-    prior = standardize_per_group(l1_unit_scores(net.model, space), space)
-    enc = UnitEncoding(space, budget, prior=prior)
-    strategy = search.make_strategy("ga", num, enc.num_genes)
-    problem = search.Problem(
-        enc.decode, fitness, kept_fraction_fn(space, budget), enc.encode
-    )
-    center, noise = enc.search_start("l1")
+    ctx = MethodContext(net, budget, make_fitness=lambda: fitness)
+    config = PruneConfig(target=budget.target, budget=budget.kind, population=num)
+    setup = make_search(ctx, config)  # what gp.prune(strategy="ga") builds
     found = search.run(
-        strategy,
-        problem,
+        setup.strategy,
+        setup.problem,
         jax.random.PRNGKey(seed),
         generations,
         generations_per_scan=generations,
-        center=center,
-        noise=noise,
+        center=setup.center,
+        noise=setup.noise,
+        mesh=setup.mesh,
     )
     population = found.state.strategy_state.population
-    flat = np.asarray(jax.vmap(lambda g: space.flat(enc.decode(g)))(population), bool)
+    decode = setup.problem.decode
+    flat = np.asarray(jax.vmap(lambda g: space.flat(decode(g)))(population), bool)
     _, first = np.unique(flat, axis=0, return_index=True)
     keep = np.sort(first)
     masks = {g: m[keep] for g, m in space.unflat(flat).items()}
