@@ -53,7 +53,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, import_torchvision, machine  # noqa: E402
 
 import gapruning as gp  # noqa: E402
 from gapruning import search  # noqa: E402
@@ -148,7 +148,7 @@ def load_model(name: str, allow_slow_cpu: bool = False):
     if name != RESNET50:
         return gp.load(name), "shipped weights"
     try:
-        import torchvision
+        torchvision = import_torchvision()
     except ImportError as err:
         raise Skip(f"torchvision not installed ({err})") from None
     if jax.default_backend() == "cpu" and not allow_slow_cpu:

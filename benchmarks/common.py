@@ -80,3 +80,44 @@ def write(name: str, payload: dict, markdown: str) -> None:
 
 def sync(x):
     return jax.block_until_ready(jnp.asarray(x))
+
+
+# the two ops torchvision's _meta_registrations registers whether or not its C
+# extension loaded (torchvision 0.28); the others are registered only when it did
+_TORCHVISION_UNGUARDED_OPS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
+
+
+def import_torchvision():
+    """``import torchvision`` that also works on a CPU-only torch.
+
+    PyPI's torchvision wheels are CUDA builds: on the ``+cpu`` torch their C
+    extension cannot load, and torchvision 0.28 then fails on import
+    ("operator torchvision::nms does not exist") because it registers fake
+    kernels for ``nms``/``qnms`` unconditionally. The model builders need no C
+    op, so when that happens the two op schemas are declared (without kernels:
+    calling ``torchvision.ops.nms`` still fails) and the import is retried.
+    Raises ImportError when torchvision is not installed.
+    """
+    import sys
+
+    try:
+        import torchvision
+    except RuntimeError as err:
+        if "torchvision::" not in str(err):
+            raise
+        import torch
+
+        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for schema in _TORCHVISION_UNGUARDED_OPS:
+            lib.define(schema)
+        _KEEP.append(lib)  # a Library object unregisters its ops when collected
+        import torchvision
+    return torchvision
+
+
+_KEEP: list = []

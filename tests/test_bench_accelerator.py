@@ -66,8 +66,9 @@ def test_rows_that_cannot_run():
     args = acc.parse(["--quick", "--models", "resnet50-224"])
     row = acc.measure("resnet50-224", "float32", args, log=lambda *a: None)
     try:
-        import torchvision  # noqa: F401
+        from common import import_torchvision
 
+        import_torchvision()
         expect = "CPU" if jax.default_backend() == "cpu" else None
     except ImportError:
         expect = "torchvision not installed"

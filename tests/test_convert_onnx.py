@@ -225,3 +225,78 @@ def test_bad_files(tmp_path):
             from_onnx(tmp_path / name)
     with pytest.raises(FileNotFoundError):
         from_onnx(tmp_path / "missing.onnx")
+
+
+def reduce_mean_graph(keepdims: int, opset: int, axes=(2, 3)):
+    """Conv -> Relu -> ReduceMean(axes) -> [Flatten] -> Gemm whose weight is an
+    Identity of an initializer (as torch's exporters write them)."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (6, 3, 3, 3)).astype("f4"), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 6)).astype("f4"), "gw0"),
+        numpy_helper.from_array(rng.normal(0, 0.3, 4).astype("f4"), "gb"),
+    ]
+    n = helper.make_node
+    if opset >= 18:
+        inits.append(numpy_helper.from_array(np.array(axes, np.int64), "axes"))
+        mean = n("ReduceMean", ["r", "axes"], ["m"], keepdims=keepdims)
+    else:
+        mean = n("ReduceMean", ["r"], ["m"], axes=list(axes), keepdims=keepdims)
+    nodes = [
+        n("Identity", ["gw0"], ["gw"]),
+        n("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        n("Relu", ["c"], ["r"]),
+        mean,
+    ]
+    flat = "m"
+    if keepdims:
+        nodes.append(n("Flatten", ["m"], ["f"]))
+        flat = "f"
+    nodes.append(n("Gemm", [flat, "gw", "gb"], ["y"], transB=1))
+    graph = helper.make_graph(
+        nodes,
+        "reduce_mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 7, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+@pytest.mark.parametrize("opset", [17, 18])
+def test_reduce_mean_is_global_average_pooling(keepdims, opset):
+    """torch's dynamo exporter writes global average pooling as ReduceMean over
+    H, W (axes an attribute before opset 18, an input from 18 on)."""
+    model = reduce_mean_graph(keepdims, opset)
+    net = from_onnx(model)
+    x, x_fw = inputs((7, 5, 3))
+    assert rel_diff(flax_out(net, x), ort_out(model.SerializeToString(), x_fw)) < TOL
+    ops = [n.op for n in net.model.nodes]
+    assert "global_avgpool" in ops and "flatten" not in ops
+
+
+def test_reduce_mean_over_other_axes_is_refused():
+    model = reduce_mean_graph(1, 17, axes=(1,))
+    with pytest.raises(
+        UnsupportedLayerError, match=r"ReduceMean over axes \[1\].*only over H and W"
+    ):
+        from_onnx(model)
+
+
+def test_torch_dynamo_export_of_global_pooling(tmp_path):
+    """The default exporter of torch >= 2.9 (dynamo), end to end, where
+    onnxscript is installed."""
+    pytest.importorskip("onnxscript")
+    module = torch_resnet(blocks=1, projection=True)
+    path = tmp_path / "dynamo.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.zeros(2, 1, 16, 16),), path)
+    assert "ReduceMean" in {n.op_type for n in onnx.load(path).graph.node}
+    net = from_onnx(path)
+    x, x_fw = inputs((16, 16, 1))
+    assert rel_diff(flax_out(net, x), torch_out(module, x_fw)) < TOL

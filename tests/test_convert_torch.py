@@ -243,3 +243,20 @@ def test_traced_input_shape_required():
     assert np.isfinite(
         flax_out(from_torch(torch_mlp()[1:]), np.zeros((1, 784), np.float32))
     ).all()
+
+
+def test_traced_options_are_checked():
+    """Without arch= a misspelt keyword or a num_classes the module does not have
+    is an error naming it; the module's own num_classes is accepted."""
+    module = torch_lenet5()
+    shape = (28, 28, 1)
+    net = from_torch(module, input_shape=shape, num_classes=10)
+    assert net.model.num_outputs == 10 and net.card["num_classes"] == 10
+    with pytest.raises(ConversionError, match="unknown keyword.*'num_clases'"):
+        from_torch(module, input_shape=shape, num_clases=10)
+    with pytest.raises(ConversionError, match="'width'.*need arch="):
+        from_torch(module, input_shape=shape, width=0.5)
+    with pytest.raises(ConversionError, match="num_classes=100.*outputs 10 values"):
+        from_torch(module, input_shape=shape, num_classes=100)
+    with pytest.raises(ConversionError, match="num_classes='10'"):
+        from_torch(module, input_shape=shape, num_classes="10")

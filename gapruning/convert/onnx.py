@@ -4,12 +4,14 @@ Supported ops (one input, one output; weights as initializers or Constant nodes)
 Gemm (``transA=0``), MatMul by a constant matrix, Conv (2-D, ``group=1``, no
 dilation; explicit pads or ``auto_pad`` VALID/SAME_UPPER), BatchNormalization
 (inference), Relu, Sigmoid, Softmax (over the channel/feature axis), MaxPool and
-AveragePool (2-D, ``ceil_mode=0``), GlobalAveragePool, Flatten (``axis=1``),
-Reshape to 2-D, Add (of two tensors, or of a constant: folded into the producing
-Gemm/MatMul/Conv bias when possible), Mul/Sub/Div by a per-channel constant,
-Identity and Dropout; plus the shortcut ops gapruning's own exporter writes: Slice
-(strided spatial subsampling), Pad (zero channels), Gather (channel selection) and
-Transpose to NHWC right before a Flatten.
+AveragePool (2-D, ``ceil_mode=0``), GlobalAveragePool, ReduceMean over H and W
+(global average pooling as torch's dynamo exporter writes it, ``keepdims`` 0 or
+1), Flatten (``axis=1``), Reshape to 2-D, Add (of two tensors, or of a constant:
+folded into the producing Gemm/MatMul/Conv bias when possible), Mul/Sub/Div by a
+per-channel constant, Identity (of a tensor or of a constant, which torch's
+exporter writes for shared initializers) and Dropout; plus the shortcut ops
+gapruning's own exporter writes: Slice (strided spatial subsampling), Pad (zero
+channels), Gather (channel selection) and Transpose to NHWC right before a Flatten.
 
 ONNX tensors are NCHW; they are laid out channels-last with
 :class:`~gapruning.convert.nchw.NCHWGraph` (conv kernels ``OIHW -> HWIO``, rows of
@@ -253,7 +255,15 @@ class _Importer:
         self.consts[self.node.output[0]] = self.nh.to_array(a["value"])
 
     def _Identity(self, a):
-        self.out(self.x())
+        name = self.node.input[0]
+        if name in self.consts:  # exporters alias shared initializers this way
+            self.consts[self.node.output[0]] = self.consts[name]
+        elif name in self.shape_vals:
+            self.shape_vals[self.node.output[0]] = self.shape_vals[name]
+        elif name in self.nhwc:
+            self.nhwc[self.node.output[0]] = self.nhwc[name]
+        else:
+            self.out(self.x())
 
     def _Dropout(self, a):
         self.out(self.x())
@@ -361,6 +371,23 @@ class _Importer:
 
     def _GlobalAveragePool(self, a):
         self.out(self.g.global_avgpool(self.x(), name=self.label))
+
+    def _ReduceMean(self, a):
+        """The mean over H and W (keepdims 1 or 0): global average pooling, as
+        torch's dynamo exporter writes ``adaptive_avg_pool2d(x, 1)``/``mean``."""
+        if len(self.node.input) > 1 and self.node.input[1]:
+            axes = [int(v) for v in self.const(1).reshape(-1)]
+        else:
+            axes = list(a.get("axes", []))
+        x = self.x()
+        if x.kind != "map" or sorted(v % 4 for v in axes) != [2, 3]:
+            shape = self.g.fw_shape(x)
+            self.fail(
+                f"ReduceMean over axes {axes} of a tensor of shape {shape} (only "
+                "over H and W of a feature map: global average pooling)"
+            )
+        pooled = self.g.global_avgpool(x, name=self.label)
+        self.out(pooled if a.get("keepdims", 1) else Val(pooled.node, "flat"))
 
     def _flatten_input(self) -> Val:
         name = self.node.input[0]

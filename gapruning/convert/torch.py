@@ -73,7 +73,9 @@ def from_torch(
             inputs; recorded in the card (default: see
             :data:`gapruning.convert.common.DEFAULT_INPUT_BOX`).
         name: the card's name (default: the file stem or the architecture).
-        **arch_kwargs: keyword arguments of the zoo builder (``num_classes``...).
+        **arch_kwargs: keyword arguments of the zoo builder (``num_classes``...)
+            with ``arch``; without it only ``num_classes``, checked against the
+            traced module's output width (an error when it differs).
 
     Returns:
         The converted model, in eval mode, with a card recording its origin.
@@ -82,7 +84,8 @@ def from_torch(
         ModelFormatError: unreadable, truncated or non-state-dict file.
         UnsupportedLayerError: a layer or call without a translation.
         ShapeMismatchError: a tensor whose shape the architecture cannot take.
-        ConversionError: any other reason the conversion is impossible.
+        ConversionError: an unknown keyword, a ``num_classes`` that does not
+            apply, or any other reason the conversion is impossible.
 
     Example:
         >>> net = from_torch("lenet.pth", arch="lenet300", num_classes=10)
@@ -103,6 +106,7 @@ def from_torch(
                 f"{', '.join(sorted(MODELS))}) or the nn.Module itself"
             )
         nodes, params = trace(module, input_shape, where)
+        check_traced_options(arch_kwargs, nodes, where)
         extra = {"source": kind, "mapping": "torch.fx trace"}
     extra["module"] = type(module).__name__ if module is not None else None
     return imported(
@@ -117,6 +121,32 @@ def from_torch(
         input_box=input_box,
         extra=extra,
     )
+
+
+def check_traced_options(options: dict[str, Any], nodes, where: str) -> None:
+    """The keywords a traced module (no ``arch``) takes besides the named ones:
+    only ``num_classes``, which must equal the module's output width (a traced
+    module is converted as it is, its classifier is not rebuilt).
+
+    Raises:
+        ConversionError: an unknown keyword (named), or a ``num_classes`` the
+            module does not have.
+    """
+    unknown = sorted(set(options) - {"num_classes"})
+    if unknown:
+        raise ConversionError(
+            f"{where}: unknown keyword(s) {', '.join(map(repr, unknown))} for "
+            "from_torch without arch= (it takes input_shape, input_box, name and "
+            "num_classes; zoo builder keywords need arch=)"
+        )
+    if "num_classes" in options:
+        have, want = int(nodes[-1].shape[-1]), options["num_classes"]
+        if not isinstance(want, int) or isinstance(want, bool) or want != have:
+            raise ConversionError(
+                f"{where}: num_classes={want!r}, but the module outputs {have} "
+                "values; a traced module is converted as it is (build it with "
+                "the number of classes you want)"
+            )
 
 
 def _jsonable(v):
