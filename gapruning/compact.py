@@ -1,9 +1,11 @@
 """Physical compaction: remove masked units, giving a smaller network, same outputs.
 
-Generic over the graph: each Dense/Conv keeps the rows of its kept input units and
-the columns of its kept output units, BatchNorm keeps the entries of its kept
-channels, a Dense after Flatten keeps every spatial position of the kept channels,
-and a parameter-free shortcut (``channel_map``) re-indexes into the kept channels.
+Generic over the graph, each op compacting itself (the op table's
+:meth:`~gapruning.models.ops.Op.compact_params` / ``compact_attrs``): each
+Dense/Conv keeps the rows of its kept input units and the columns of its kept
+output units, BatchNorm keeps the entries of its kept channels, a Dense after
+Flatten keeps every spatial position of the kept channels, and a parameter-free
+shortcut (``channel_map``) re-indexes into the kept channels.
 Coupled groups are removed from every member at once. The compacted network still
 has (all-ones) masks, so it can be pruned again.
 """
@@ -19,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from .models import Net, assemble
+from .models.ops import op_of
 from .space import PruneSpace
 from .zoo import Pretrained
 
@@ -26,7 +29,7 @@ from .zoo import Pretrained
 def kept_index(space: PruneSpace, masks: Mapping, tensor: str, width: int):
     """Indices into ``tensor``'s last axis that survive compaction."""
     node = space.node(tensor)
-    if node.op == "flatten":
+    if op_of(node).flow == "reshape":
         src = space.node(node.inputs[0])
         inner = kept_index(space, masks, src.name, src.shape[-1])
         positions = math.prod(src.shape[:-1])
@@ -61,34 +64,18 @@ def compact(
         out = kept_index(space, masks, n.name, n.shape[-1])
         index[n.name] = out
         shape = (*n.shape[:-1], len(out))
-        attrs = dict(n.attrs)
-        if n.op in ("dense", "conv"):
-            attrs["features"] = len(out)
-        elif n.op == "channel_map":
-            src = index[n.inputs[0]]
-            position = {int(c): i for i, c in enumerate(src)}
-            attrs["index"] = tuple(
-                position.get(int(attrs["index"][j]), -1) for j in out
-            )
+        rows = index[n.inputs[0]] if n.inputs else None
+        attrs = op_of(n).compact_attrs(n, dict(n.attrs), out, rows)
         nodes.append(
             dataclasses.replace(n, shape=shape, attrs=tuple(sorted(attrs.items())))
         )
-    new_params = {}
-    for n in pretrained.model.nodes:
-        if n.name not in old_params:
-            continue
-        p, out = old_params[n.name], index[n.name]
-        if n.op == "dense":
-            rows = index[n.inputs[0]]
-            q = {"kernel": p["kernel"][rows][:, out]}
-        elif n.op == "conv":
-            rows = index[n.inputs[0]]
-            q = {"kernel": p["kernel"][:, :, rows][..., out]}
-        else:  # batchnorm: scale, bias, mean, var
-            q = {k: v[out] for k, v in p.items()}
-        if "bias" in p and n.op != "batchnorm":
-            q["bias"] = p["bias"][out]
-        new_params[n.name] = q
+    new_params = {
+        n.name: op_of(n).compact_params(
+            n, old_params[n.name], index[n.inputs[0]], index[n.name]
+        )
+        for n in pretrained.model.nodes
+        if n.name in old_params
+    }
     model = assemble(tuple(nodes), new_params)
     before = {"params": space.dense_params, "flops": space.dense_flops}
     after = {"params": int(space.params(masks)), "flops": int(space.flops(masks))}
@@ -138,8 +125,8 @@ def sparsify(pretrained: Pretrained, kernel_masks: Mapping) -> Pretrained:
     def macs(model: Net) -> int:
         total = 0
         for n in model.nodes:
-            if n.op in ("dense", "conv"):
-                area = math.prod(n.shape[:-1]) if n.op == "conv" else 1
+            if op_of(n).flow == "producer":
+                area = op_of(n).area(n)
                 kernel = np.asarray(model.layers[n.name].kernel[...])
                 total += area * int(np.count_nonzero(kernel))
         return total

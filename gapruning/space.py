@@ -27,6 +27,7 @@ import numpy as np
 
 from .models import Net, channel_spaces
 from .models.graph import Node
+from .models.ops import op_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ class PruneSpace:
             members = tuple(
                 n.name
                 for n in nodes
-                if n.op in ("dense", "conv") and spaces.space_of[n.name] == sid
+                if op_of(n).flow == "producer" and spaces.space_of[n.name] == sid
             )
             size = by_name[members[0]].shape[-1]
             groups.append(Group(g, size, spaces.kinds[sid], members))
@@ -129,7 +130,7 @@ class PruneSpace:
         """``(mult, g)``: the tensor's last axis has ``mult * kept[g]`` entries
         (``g = -1``: a constant ``mult``). Flatten multiplies by the spatial size."""
         node = self._by_name[tensor]
-        if node.op == "flatten":
+        if op_of(node).flow == "reshape":
             src = self._by_name[node.inputs[0]]
             mult, g = self.unit_ref(src.name)
             return mult * math.prod(src.shape[:-1]), g
@@ -137,20 +138,12 @@ class PruneSpace:
         return (1, g) if g >= 0 else (node.shape[-1], -1)
 
     def _cost_terms(self):
+        """Each op's terms from the op table (:meth:`~gapruning.models.ops.Op.cost`)."""
         params, flops = [], []
         for n in self.nodes:
-            if n.op in ("dense", "conv"):
-                mi, gi = self.unit_ref(n.inputs[0])
-                mo, go = self.unit_ref(n.name)
-                k = math.prod(n.attr("kernel_size")) if n.op == "conv" else 1
-                area = math.prod(n.shape[:-1]) if n.op == "conv" else 1
-                params.append(CostTerm(k * mi * mo, gi, go))
-                flops.append(CostTerm(area * k * mi * mo, gi, go))
-                if n.attr("use_bias"):
-                    params.append(CostTerm(mo, go, -1))
-            elif n.op == "batchnorm":
-                mo, go = self.unit_ref(n.name)
-                params.append(CostTerm(2 * mo, go, -1))
+            p, f = op_of(n).cost(n, self.unit_ref)
+            params += [CostTerm(*t) for t in p]
+            flops += [CostTerm(*t) for t in f]
         return tuple(params), tuple(flops)
 
     # ------------------------------------------------------------- masks

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..models.ops import OPS
 from ..zoo import Pretrained
-from .common import LAYER_VARS, ConversionError
+from .common import ConversionError
 
 
 def layer_arrays(pretrained: Pretrained) -> dict[str, dict[str, np.ndarray]]:
@@ -36,7 +37,7 @@ def layer_arrays(pretrained: Pretrained) -> dict[str, dict[str, np.ndarray]]:
     for name, layer in pretrained.model.layers.items():
         out[name] = {
             var: np.asarray(getattr(layer, var)[...], np.float32)
-            for var in LAYER_VARS[ops[name]]
+            for var in OPS[ops[name]].variables
             if getattr(layer, var, None) is not None
         }
     return out

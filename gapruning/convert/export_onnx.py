@@ -12,6 +12,7 @@ import numpy as np
 
 from ..files import replaced_atomically
 from ..models.graph import Node
+from ..models.ops import OPS, UnsupportedOpError
 from ..zoo import Pretrained
 from .common import ConversionError
 from .export import explicit_pads, layer_arrays, vector_masks
@@ -83,10 +84,6 @@ def _fw_shape(shape):
     return shape if len(shape) == 1 else (shape[2], shape[0], shape[1])
 
 
-def _is_padding_index(index, c) -> bool:
-    return tuple(index[:c]) == tuple(range(c)) and all(i == -1 for i in index[c:])
-
-
 class _OnnxWriter:
     """Collects the ONNX nodes and initializers of a node tuple, node by node."""
 
@@ -110,117 +107,42 @@ class _OnnxWriter:
         return out
 
     def write(self, n: Node) -> str:
-        """Emits node ``n``; returns the ONNX tensor holding its value."""
-        if n.op == "input":
-            return "input"
-        ins = [self.tensor[i] for i in n.inputs]
-        if n.op in ("relu", "sigmoid"):
-            return self.emit({"relu": "Relu", "sigmoid": "Sigmoid"}[n.op], ins, n.name)
-        if n.op == "softmax":
-            return self.emit("Softmax", ins, n.name, axis=1)
-        write = getattr(self, f"_{n.op}", None)
-        if write is None:
+        """Emits node ``n`` (the op table's :meth:`~gapruning.models.ops.Op.onnx`);
+        returns the ONNX tensor holding its value."""
+        op = OPS.get(n.op)
+        if op is None or not op.supports("onnx"):
             raise ConversionError(f"node {n.name!r}: op {n.op!r} has no ONNX export")
-        return write(n, ins)
+        try:
+            return op.onnx(self, n, [self.tensor[i] for i in n.inputs])
+        except UnsupportedOpError as err:
+            raise ConversionError(str(err)) from None
 
-    def _in_shape(self, n: Node):
+    def in_shape(self, n: Node):
+        """The shape of ``n``'s first input (channels last)."""
         return self.shapes[n.inputs[0]]
 
-    def _weighted(self, n: Node, x: str, kernel: np.ndarray) -> list[str]:
+    def weighted(self, n: Node, x: str, kernel: np.ndarray) -> list[str]:
+        """``[x, weight, bias?]``: the inputs of a Gemm/Conv of layer ``n``."""
         args = [x, self.const(f"{n.name}.weight", kernel)]
         p = self.params[n.name]
         if "bias" in p:
             args.append(self.const(f"{n.name}.bias", p["bias"]))
         return args
 
-    def _dense(self, n: Node, ins):
-        args = self._weighted(n, ins[0], self.params[n.name]["kernel"].T.copy())
-        return self.emit("Gemm", args, n.name, transB=1)
-
-    def _conv(self, n: Node, ins):
-        k, s = n.attr("kernel_size"), n.attr("strides")
-        in_hw = self._in_shape(n)[:2]
-        (t, b), (left, r) = explicit_pads(n.attr("padding"), in_hw, k, s)
-        kernel = self.params[n.name]["kernel"].transpose(3, 2, 0, 1)
-        return self.emit(
-            "Conv",
-            self._weighted(n, ins[0], kernel),
-            n.name,
-            kernel_shape=list(k),
-            strides=list(s),
-            pads=[t, left, b, r],
+    def window_attrs(self, n: Node, kernel) -> dict:
+        """``kernel_shape``, ``strides`` and explicit ``pads`` of a windowed node."""
+        s = n.attr("strides")
+        (t, b), (left, r) = explicit_pads(
+            n.attr("padding"), self.in_shape(n)[:2], kernel, s
         )
+        return {
+            "kernel_shape": list(kernel),
+            "strides": list(s),
+            "pads": [t, left, b, r],
+        }
 
-    def _batchnorm(self, n: Node, ins):
-        p = self.params[n.name]
-        args = [ins[0]] + [
-            self.const(f"{n.name}.{k}", p[k]) for k in ("scale", "bias", "mean", "var")
-        ]
-        return self.emit("BatchNormalization", args, n.name, epsilon=n.attr("epsilon"))
-
-    def _maxpool(self, n: Node, ins):
-        k, s = n.attr("window"), n.attr("strides")
-        in_hw = self._in_shape(n)[:2]
-        (t, b), (left, r) = explicit_pads(n.attr("padding"), in_hw, k, s)
-        attrs = {"kernel_shape": list(k), "strides": list(s), "pads": [t, left, b, r]}
-        if n.op == "avgpool":
-            include = bool(n.attr("count_include_pad")) and not isinstance(
-                n.attr("padding"), str
-            )
-            attrs["count_include_pad"] = int(include)
-        op = "MaxPool" if n.op == "maxpool" else "AveragePool"
-        return self.emit(op, ins, n.name, **attrs)
-
-    _avgpool = _maxpool
-
-    def _global_avgpool(self, n: Node, ins):
-        pooled = self.emit("GlobalAveragePool", ins, f"{n.name}.pooled")
-        return self.emit("Flatten", [pooled], n.name, axis=1)
-
-    def _flatten(self, n: Node, ins):
-        src, in_shape = ins[0], self._in_shape(n)
-        if len(in_shape) == 3 and in_shape[0] * in_shape[1] > 1 and in_shape[2] > 1:
-            src = self.emit("Transpose", [src], f"{n.name}.nhwc", perm=[0, 2, 3, 1])
-        return self.emit("Flatten", [src], n.name, axis=1)
-
-    def _add(self, n: Node, ins):
-        out = ins[0]
-        for i, other in enumerate(ins[1:], start=1):
-            name = n.name if i == len(ins) - 1 else f"{n.name}.{i}"
-            out = self.emit("Add", [out, other], name)
-        return out
-
-    def _mask(self, n: Node, ins):
-        m = self.masks[n.attr("group")]
-        if np.all(m == 1.0):
-            return ins[0]
-        shape = (-1, 1, 1) if len(n.shape) == 3 else (-1,)
-        value = self.const(f"{n.name}.value", m.reshape(shape))
-        return self.emit("Mul", [ins[0], value], n.name)
-
-    def _channel_map(self, n: Node, ins):
-        stride, index = n.attr("stride"), list(n.attr("index"))
-        c = self._in_shape(n)[-1]
-        out = ins[0]
-        if stride > 1:
-            out = self._slice(n, out, stride)
-        if index == list(range(c)):
-            return self.emit("Identity", [out], n.name)
-        if _is_padding_index(index, c):
-            pads = np.zeros(8, np.int64)
-            pads[5] = len(index) - c
-            pads = self.const(f"{n.name}.pads", pads)
-            return self.emit("Pad", [out, pads], n.name, mode="constant")
-        picked = self.const(
-            f"{n.name}.index", np.maximum(np.asarray(index, np.int64), 0)
-        )
-        if all(i >= 0 for i in index):
-            return self.emit("Gather", [out, picked], n.name, axis=1)
-        out = self.emit("Gather", [out, picked], f"{n.name}.gathered", axis=1)
-        keep = (np.asarray(index) >= 0).astype(np.float32).reshape(-1, 1, 1)
-        return self.emit("Mul", [out, self.const(f"{n.name}.keep", keep)], n.name)
-
-    def _slice(self, n: Node, x: str, stride: int) -> str:
+    def slice(self, n: Node, x: str, stride: int) -> str:
+        """``x[:, :, ::stride, ::stride]``."""
         big = np.iinfo(np.int64).max
         args = [
             x,

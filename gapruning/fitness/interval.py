@@ -53,29 +53,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..models import Net, Node
-from ..models.graph import apply_pool, apply_shape_op
-from ..models.masked_layers import conv_op
+from ..models.ops import OPS, op_of
+from ..models.ops.activations import Activation
 from ..zoo import Pretrained
 from .base import FitnessError, register_metric
-
-SUPPORTED_OPS = frozenset(
-    {
-        "input",
-        "mask",
-        "dense",
-        "conv",
-        "batchnorm",
-        "relu",
-        "sigmoid",
-        "softmax",
-        "maxpool",
-        "avgpool",
-        "global_avgpool",
-        "flatten",
-        "add",
-        "channel_map",
-    }
-)
 
 
 def _net(model) -> Net:
@@ -83,7 +64,15 @@ def _net(model) -> Net:
 
 
 def _check_ops(net: Net) -> None:
-    bad = [f"{n.name} ({n.op})" for n in net.nodes if n.op not in SUPPORTED_OPS]
+    bad = [
+        f"{n.name} ({n.op})"
+        for n in net.nodes
+        if n.op != "input"
+        and (
+            n.op not in OPS
+            or not (OPS[n.op].supports("bounds") and OPS[n.op].supports("delta"))
+        )
+    ]
     if bad:
         raise FitnessError(f"interval propagation does not support nodes {bad}")
 
@@ -93,44 +82,17 @@ def layer_params(net: Net) -> dict:
 
 
 def linear_bound(n: Node, p: dict, x, *, absolute: bool, bias: bool):
-    """The node's linear map on ``x`` (|weights| if ``absolute``; bias optional)."""
-    if n.op == "dense":
-        k = jnp.abs(p["kernel"]) if absolute else p["kernel"]
-        y = x @ k
-    elif n.op == "conv":
-        k = jnp.abs(p["kernel"]) if absolute else p["kernel"]
-        dtype = jnp.promote_types(x.dtype, k.dtype)
-        # a ConvOp: its gradients stay fast inside loops (lipschitz's power
-        # iteration; see ConvOp.transpose)
-        op = conv_op(n.attr("strides"), n.attr("padding"))
-        y = op(x.astype(dtype), k.astype(dtype))
-    elif n.op == "batchnorm":
-        s = p["scale"] * jax.lax.rsqrt(p["var"] + n.attr("epsilon"))
-        if absolute:
-            return x * jnp.abs(s)
-        return (x - p["mean"]) * s + p["bias"] if bias else x * s
-    else:
-        raise AssertionError(n.op)
-    if bias and "bias" in p:
-        y = y + p["bias"]
-    return y
+    """The node's linear map on ``x`` (|weights| if ``absolute``; bias optional);
+    the op table's :meth:`~gapruning.models.ops.LinearOp.linear`."""
+    return op_of(n).linear(n, p, x, absolute=absolute, bias=bias)
 
 
-def _mask_of(masks: Mapping | None, n: Node, dtype):
-    if masks is None:
-        return None
-    return jnp.asarray(masks[n.attr("group")], dtype)
-
-
-def _softmax_bounds(lo, hi):
-    """``lower_i = 1 / (1 + sum_{j != i} e^{u_j - l_i})`` and symmetrically for the
-    upper bound, in log space (stable for wide intervals)."""
-    eye = jnp.eye(lo.shape[-1], dtype=bool)
-
-    def others(v):  # logsumexp over j != i, for every i
-        return jax.nn.logsumexp(jnp.where(eye, -jnp.inf, v[..., None, :]), axis=-1)
-
-    return jax.nn.sigmoid(lo - others(hi)), jax.nn.sigmoid(hi - others(lo))
+def _params_of(n: Node, params: dict, masks: Mapping | None):
+    """What the op's bounds read: a mask node's mask (None: every unit kept),
+    another node's layer variables."""
+    if n.op == "mask":
+        return None if masks is None else masks[n.attr("group")]
+    return params.get(n.name)
 
 
 def propagate_bounds(
@@ -152,39 +114,12 @@ def propagate_bounds(
     params = layer_params(net)
     vals: dict = {}
     out: dict = {}
-    consumers: dict[str, int] = {}
-    for n in net.nodes:
-        for i in n.inputs:
-            consumers[i] = consumers.get(i, 0) + 1
     for n in net.nodes:
         if n.op == "input":
             y = (lo, hi)
         else:
-            a, b = vals[n.inputs[0]]
-            if n.op == "mask":
-                m = _mask_of(masks, n, a.dtype)
-                y = (a, b) if m is None else (a * m, b * m)  # masks are >= 0
-            elif n.op in ("dense", "conv", "batchnorm"):
-                p = params[n.name]
-                c, r = (a + b) / 2, (b - a) / 2
-                cc = linear_bound(n, p, c, absolute=False, bias=True)
-                rr = linear_bound(n, p, r, absolute=True, bias=False)
-                y = (cc - rr, cc + rr)
-            elif n.op == "relu":
-                y = (jax.nn.relu(a), jax.nn.relu(b))
-            elif n.op == "sigmoid":
-                y = (jax.nn.sigmoid(a), jax.nn.sigmoid(b))
-            elif n.op == "softmax":
-                y = _softmax_bounds(a, b)
-            elif n.op == "maxpool":
-                y = (apply_pool(a, n, "max"), apply_pool(b, n, "max"))
-            elif n.op == "add":
-                parts = [vals[i] for i in n.inputs]
-                y = (sum(p[0] for p in parts), sum(p[1] for p in parts))
-            else:
-                c, r = (a + b) / 2, (b - a) / 2
-                cc, rr = apply_shape_op(n, c), apply_shape_op(n, r)
-                y = (cc - rr, cc + rr)
+            ins = [vals[i] for i in n.inputs]
+            y = op_of(n).bounds(n, _params_of(n, params, masks), ins)
         vals[n.name] = y
         if keep is None or n.name in keep:
             out[n.name] = y
@@ -221,31 +156,20 @@ def interval_bounds(model, masks: Mapping | None = None, low=None, high=None):
 
 def _needed(net: Net) -> frozenset:
     """Tensors whose dense bounds the impact pass reads."""
-    ops = {"relu", "sigmoid", "mask"}
-    return frozenset(n.inputs[0] for n in net.nodes if n.op in ops) | {
-        net.nodes[-1].name
-    }
+    return frozenset(
+        i for n in net.nodes if op_of(n).needs_dense_bounds for i in n.inputs
+    ) | {net.nodes[-1].name}
 
 
 def activation_delta(op: str, dense_bounds, c, r):
     """Centre and radius bounding ``act(z + d) - act(z)`` for ``z`` in the dense
-    pre-activation bounds and ``d`` in ``[c - r, c + r]``; ``op`` is ``"relu"``
-    (exact per-unit cases: always active, always inactive, else clipped) or
-    ``"sigmoid"`` (slope at most 1/4)."""
-    if op == "relu":
-        lz, uz = dense_bounds
-        dl, du = c - r, c + r
-        lo = jnp.maximum(jnp.minimum(0.0, dl), -jax.nn.relu(uz))
-        hi = jnp.minimum(jnp.maximum(0.0, du), jax.nn.relu(uz + du))
-        active = (lz >= 0) & (lz + dl >= 0)
-        inactive = (uz <= 0) & (uz + du <= 0)
-        lo = jnp.where(active, dl, jnp.where(inactive, 0.0, lo))
-        hi = jnp.where(active, du, jnp.where(inactive, 0.0, hi))
-    elif op == "sigmoid":
-        lo, hi = jnp.minimum(0.0, c - r) / 4, jnp.maximum(0.0, c + r) / 4
-    else:
+    pre-activation bounds and ``d`` in ``[c - r, c + r]``, for the activation
+    named ``op`` (its :meth:`~gapruning.models.ops.Op.delta`: exact per-unit
+    cases for ``"relu"``, the slope range for the others)."""
+    act = OPS.get(op)
+    if not isinstance(act, Activation):
         raise ValueError(f"no difference bound for activation {op!r}")
-    return (lo + hi) / 2, (hi - lo) / 2
+    return act.delta(None, None, [(c, r)], [dense_bounds])
 
 
 def impact_bounds(net: Net, masks: Mapping, dense: dict):
@@ -259,32 +183,10 @@ def impact_bounds(net: Net, masks: Mapping, dense: dict):
             zero = jnp.zeros((lo.shape[0], *n.shape), lo.dtype)
             vals[n.name] = (zero, zero)
             continue
-        c, r = vals[n.inputs[0]]
-        if n.op == "mask":
-            m = _mask_of(masks, n, c.dtype)
-            a, b = dense[n.inputs[0]]
-            ac, ar = (a + b) / 2, (b - a) / 2
-            y = (m * c + (m - 1) * ac, jnp.abs(m) * r + jnp.abs(m - 1) * ar)
-        elif n.op in ("dense", "conv", "batchnorm"):
-            p = params[n.name]
-            y = (
-                linear_bound(n, p, c, absolute=False, bias=False),
-                linear_bound(n, p, r, absolute=True, bias=False),
-            )
-        elif n.op in ("relu", "sigmoid"):
-            y = activation_delta(n.op, dense[n.inputs[0]], c, r)
-        elif n.op == "softmax":
-            big = jnp.abs(jnp.stack([c - r, c + r])).max(axis=(0, -1), keepdims=True)
-            y = (jnp.zeros_like(c), jnp.broadcast_to(big[0] / 2, c.shape))
-        elif n.op == "maxpool":
-            lo, hi = -apply_pool(-(c - r), n, "max"), apply_pool(c + r, n, "max")
-            y = ((lo + hi) / 2, (hi - lo) / 2)
-        elif n.op == "add":
-            parts = [vals[i] for i in n.inputs]
-            y = (sum(p[0] for p in parts), sum(p[1] for p in parts))
-        else:
-            y = (apply_shape_op(n, c), apply_shape_op(n, r))
-        vals[n.name] = y
+        op = op_of(n)
+        ins = [vals[i] for i in n.inputs]
+        ref = [dense[i] for i in n.inputs] if op.needs_dense_bounds else None
+        vals[n.name] = op.delta(n, _params_of(n, params, masks), ins, ref)
     c, r = vals[net.nodes[-1].name]
     return c - r, c + r
 

@@ -13,15 +13,11 @@ import dataclasses
 import math
 from typing import Any
 
-# Ops that keep the channel (last) axis as it is, unit for unit.
-CHANNELWISE = frozenset(
-    {"batchnorm", "relu", "sigmoid", "maxpool", "avgpool", "global_avgpool", "mask"}
-)
-# Ops whose output units are new, prunable units.
+from .ops import OPS, op_of
+
+# The built-in producers of prunable units (the table's "producer" flow:
+# :data:`~gapruning.models.ops.OPS`), for code that needs only their names.
 PRODUCERS = frozenset({"dense", "conv"})
-# Ops that keep the channel axis but mix its entries (softmax): they join their
-# input's channel space, and being in neither set above they make it unprunable.
-CHANNEL_COUPLING = frozenset({"softmax"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +109,18 @@ class GraphBuilder:
             use_bias=use_bias,
         )
 
+    def _windowed(self, x, kernel_size, strides, padding, features):
+        """(k, s, p, output shape) of a windowed op on ``x``."""
+        h, w, _ = self.shape(x)
+        k, s, p = _pair(kernel_size), _pair(strides), _norm_padding(padding)
+        ph, pw = (p, p) if isinstance(p, str) else p
+        shape = (
+            _window_out(h, k[0], s[0], ph),
+            _window_out(w, k[1], s[1], pw),
+            features,
+        )
+        return k, s, p, shape
+
     def conv(
         self,
         x,
@@ -122,27 +130,27 @@ class GraphBuilder:
         strides=1,
         padding="SAME",
         use_bias: bool = True,
+        groups: int = 1,
         name=None,
     ) -> str:
-        h, w, _ = self.shape(x)
-        k, s, p = _pair(kernel_size), _pair(strides), _norm_padding(padding)
-        ph, pw = (p, p) if isinstance(p, str) else p
-        shape = (
-            _window_out(h, k[0], s[0], ph),
-            _window_out(w, k[1], s[1], pw),
-            features,
-        )
-        return self._add(
-            "conv",
-            self._name("conv", name),
-            (x,),
-            shape,
-            features=features,
-            kernel_size=k,
-            strides=s,
-            padding=p,
-            use_bias=use_bias,
-        )
+        """A convolution; ``groups`` equal to the input channels and to
+        ``features`` is a depthwise ``dwconv``, other ``groups > 1`` a
+        ``grouped_conv`` (not prunable)."""
+        c = self.shape(x)[-1]
+        k, s, p, shape = self._windowed(x, kernel_size, strides, padding, features)
+        attrs = dict(kernel_size=k, strides=s, padding=p, use_bias=use_bias)
+        if groups == 1:
+            op, attrs["features"] = "conv", features
+        elif groups == c == features:
+            op = "dwconv"
+        elif c % groups or features % groups:
+            raise ValueError(
+                f"conv of {c} -> {features} channels in {groups} groups: the "
+                "groups must divide both"
+            )
+        else:
+            op, attrs["features"], attrs["groups"] = "grouped_conv", features, groups
+        return self._add(op, self._name(op, name), (x,), shape, **attrs)
 
     def batchnorm(self, x, *, epsilon=1e-5, momentum=0.9, name=None) -> str:
         return self._add(
@@ -159,6 +167,27 @@ class GraphBuilder:
 
     def sigmoid(self, x, name=None) -> str:
         return self._add("sigmoid", self._name("sigmoid", name), (x,), self.shape(x))
+
+    def activation(self, x, op: str, *, name=None, **attrs) -> str:
+        """An elementwise activation of the op table by name (``relu6``,
+        ``hardswish``, ``hardsigmoid``, ``silu``, ``gelu`` with attribute
+        ``approximate``...)."""
+        from .ops.activations import Activation
+
+        if not isinstance(OPS.get(op), Activation):
+            known = sorted(k for k, v in OPS.items() if isinstance(v, Activation))
+            raise ValueError(f"{op!r} is not an activation; known: {known}")
+        return self._add(op, self._name(op, name), (x,), self.shape(x), **attrs)
+
+    def mul(self, x, gate, name=None) -> str:
+        """``x * gate``: a gate of ``x``'s shape, or per channel (``(C,)``)."""
+        shape, g = self.shape(x), self.shape(gate)
+        if g != shape and g != shape[-1:]:
+            raise ValueError(
+                f"mul of shapes {shape} and {g}: the gate must be "
+                f"{shape} or {shape[-1:]}"
+            )
+        return self._add("mul", self._name("mul", name), (x, gate), shape)
 
     def softmax(self, x, name=None) -> str:
         """Softmax over the last (channel) axis; its input space is not prunable."""
@@ -208,6 +237,19 @@ class GraphBuilder:
     def global_avgpool(self, x, name=None) -> str:
         return self._add(
             "global_avgpool", self._name("gap", name), (x,), self.shape(x)[-1:]
+        )
+
+    def adaptive_avgpool(self, x, output_size, name=None) -> str:
+        """Average pooling to ``output_size`` positions, windows as PyTorch's
+        ``AdaptiveAvgPool2d``."""
+        h, w, c = self.shape(x)
+        size = _pair(output_size)
+        return self._add(
+            "adaptive_avgpool",
+            self._name("apool", name),
+            (x,),
+            (*size, c),
+            output_size=size,
         )
 
     def flatten(self, x, name=None) -> str:
@@ -264,7 +306,8 @@ class ChannelSpaces:
 
 
 def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
-    """Union-find over node outputs: channel-wise ops and additions share a space."""
+    """Union-find over node outputs: ops whose flow (the op table's
+    :data:`~gapruning.models.ops.FLOWS`) keeps or joins channels share a space."""
     parent: dict[str, str] = {}
 
     def find(a: str) -> str:
@@ -273,19 +316,23 @@ def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
             a = parent[a]
         return a
 
+    fixed_inputs: set[str] = set()  # tensors read by opaque ops
     for n in nodes:
         parent[n.name] = n.name
-        if n.op in CHANNELWISE or n.op in CHANNEL_COUPLING:
+        flow = op_of(n).flow
+        if flow in ("channelwise", "couple"):
             parent[n.name] = find(n.inputs[0])
-        elif n.op == "add":
+        elif flow == "join":
             for other in n.inputs:
                 parent[find(other)] = find(n.name)
         elif (
-            n.op == "flatten"
+            flow == "reshape"
             and len(n.shape) == 1
             and n.shape == _shape(nodes, n.inputs[0])
         ):
             parent[n.name] = find(n.inputs[0])
+        elif flow == "opaque":
+            fixed_inputs.update(n.inputs)
 
     roots = sorted({find(n.name) for n in nodes}, key=[n.name for n in nodes].index)
     ids = {r: i for i, r in enumerate(roots)}
@@ -295,15 +342,13 @@ def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
     for n in nodes:
         members.setdefault(space_of[n.name], []).append(n)
     output_space = space_of[nodes[-1].name]
+    fixed_spaces = {space_of[t] for t in fixed_inputs}
+    allowed = ("producer", "channelwise", "join", "remap")
     prunable, kinds = {}, {}
     for sid, ms in members.items():
-        producers = [m for m in ms if m.op in PRODUCERS]
-        fixed = [
-            m
-            for m in ms
-            if m.op not in PRODUCERS | CHANNELWISE | {"add", "channel_map"}
-        ]
-        if not producers or fixed or sid == output_space:
+        producers = [m for m in ms if op_of(m).flow == "producer"]
+        fixed = [m for m in ms if op_of(m).flow not in allowed]
+        if not producers or fixed or sid == output_space or sid in fixed_spaces:
             continue
         adds = [m.attr("group") for m in ms if m.op == "add" and m.attr("group")]
         prunable[sid] = adds[0] if adds else producers[0].name
@@ -316,22 +361,23 @@ def _shape(nodes, name):
 
 
 def insert_masks(nodes: tuple[Node, ...]) -> tuple[Node, ...]:
-    """Adds one ``mask`` node after every prunable tensor that a channel-mixing op
-    (dense, conv, flatten, channel_map) reads, and rewires those readers to it."""
+    """Adds one ``mask`` node after every prunable tensor that an op reading
+    through masks (:attr:`~gapruning.models.ops.Op.reads_masked`: dense, conv,
+    flatten, channel_map) reads, and rewires those readers to it."""
     if any(n.op == "mask" for n in nodes):
         return nodes
     spaces = channel_spaces(nodes)
-    mixing = {"dense", "conv", "flatten", "channel_map"}
+    mixing = {n.name for n in nodes if op_of(n).reads_masked}
     needs_mask = {
         i
         for n in nodes
-        if n.op in mixing
+        if n.name in mixing
         for i in n.inputs
         if spaces.space_of[i] in spaces.prunable
     }
     out: list[Node] = []
     for n in nodes:
-        if n.op in mixing:
+        if n.name in mixing:
             n = dataclasses.replace(
                 n, inputs=tuple(f"{i}.mask" if i in needs_mask else i for i in n.inputs)
             )
@@ -347,9 +393,9 @@ def insert_masks(nodes: tuple[Node, ...]) -> tuple[Node, ...]:
 def mask_read(n: Node, by_name: dict[str, Node]) -> Node | None:
     """The mask node a Dense/Conv ``n`` reads (directly or through a flatten), or
     ``None``."""
-    if n.op not in PRODUCERS:
+    if op_of(n).flow != "producer":
         return None
     src = by_name[n.inputs[0]]
-    if src.op == "flatten" and by_name[src.inputs[0]].op == "mask":
+    if op_of(src).flow == "reshape" and by_name[src.inputs[0]].op == "mask":
         src = by_name[src.inputs[0]]
     return src if src.op == "mask" else None

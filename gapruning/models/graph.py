@@ -32,8 +32,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .builder import (
-    CHANNEL_COUPLING,
-    CHANNELWISE,
     PRODUCERS,
     ChannelSpaces,
     GraphBuilder,
@@ -42,13 +40,11 @@ from .builder import (
     insert_masks,
     mask_read,
 )
-from .masked_layers import conv_op, dense_op, masked_contraction, mix_parts
+from .masked_layers import masked_contraction, mix_parts
+from .ops import ShapeOp, apply_pool, op_of
 
 __all__ = [
-    "CHANNELWISE",
-    "CHANNEL_COUPLING",
     "PRODUCERS",
-    "SHAPE_OPS",
     "ChannelSpaces",
     "GraphBuilder",
     "Mask",
@@ -64,10 +60,6 @@ __all__ = [
 ]
 
 
-# Linear, parameter-free ops with nonnegative coefficients (:func:`apply_shape_op`).
-SHAPE_OPS = frozenset({"avgpool", "global_avgpool", "flatten", "channel_map"})
-
-
 class Mask(nnx.Variable):
     """0/1 float mask over the units of one prunable group (shape ``(units,)``)."""
 
@@ -75,59 +67,14 @@ class Mask(nnx.Variable):
 # --------------------------------------------------------------------- executor
 
 
-def _make_layer(
-    node: Node, in_shape: tuple[int, ...], rngs: nnx.Rngs
-) -> nnx.Module | None:
-    a = dict(node.attrs)
-    if node.op == "dense":
-        return nnx.Linear(
-            in_shape[-1], a["features"], use_bias=a["use_bias"], rngs=rngs
-        )
-    if node.op == "conv":
-        return nnx.Conv(
-            in_shape[-1],
-            a["features"],
-            kernel_size=a["kernel_size"],
-            strides=a["strides"],
-            padding=a["padding"],
-            use_bias=a["use_bias"],
-            rngs=rngs,
-        )
-    if node.op == "batchnorm":
-        return nnx.BatchNorm(
-            in_shape[-1], epsilon=a["epsilon"], momentum=a["momentum"], rngs=rngs
-        )
-    return None
-
-
-def apply_pool(x, node: Node, kind: str):
-    k, s, p = node.attr("window"), node.attr("strides"), node.attr("padding")
-    dims, strides = (1, *k, 1), (1, *s, 1)
-    pad = p if isinstance(p, str) else ((0, 0), *p, (0, 0))
-    if kind == "max":
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, pad)
-    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, pad)
-    if node.attr("count_include_pad") and not isinstance(p, str):
-        return total / math.prod(k)
-    ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
-    return total / jax.lax.reduce_window(ones, 0.0, jax.lax.add, dims, strides, pad)
-
-
 def apply_shape_op(n: Node, x: jax.Array) -> jax.Array:
-    """A linear, parameter-free op with nonnegative coefficients (``avgpool``,
-    ``global_avgpool``, ``flatten``, ``channel_map``) on ``x``."""
-    if n.op == "avgpool":
-        return apply_pool(x, n, "avg")
-    if n.op == "global_avgpool":
-        return x.mean(axis=(1, 2))
-    if n.op == "flatten":
-        return x.reshape(x.shape[0], -1)
-    if n.op == "channel_map":
-        s, index = n.attr("stride"), jnp.asarray(n.attr("index"))
-        x = x[:, ::s, ::s, :]
-        picked = jnp.take(x, jnp.maximum(index, 0), axis=-1)
-        return jnp.where(index >= 0, picked, 0.0)
-    raise ValueError(f"{n.op!r} (node {n.name!r}) is not a shape op")
+    """A linear, parameter-free op with nonnegative coefficients (the table's
+    :class:`~gapruning.models.ops.ShapeOp` s: pooling by averaging, flatten,
+    channel_map) on ``x``."""
+    op = op_of(n)
+    if not isinstance(op, ShapeOp):
+        raise ValueError(f"{n.op!r} (node {n.name!r}) is not a shape op")
+    return op.shape_apply(n, x)
 
 
 class Net(nnx.Module):
@@ -144,7 +91,8 @@ class Net(nnx.Module):
         shapes = {n.name: n.shape for n in nodes}
         layers = {}
         for n in nodes:
-            layer = _make_layer(n, shapes[n.inputs[0]] if n.inputs else n.shape, rngs)
+            in_shape = shapes[n.inputs[0]] if n.inputs else n.shape
+            layer = op_of(n).layer(n, in_shape, rngs)
             if layer is not None:
                 layers[n.name] = layer
         self.layers = nnx.Dict(layers)
@@ -263,13 +211,13 @@ class Net(nnx.Module):
             elif n.op == "input":
                 y = x
             elif n.op == "mask":
-                y = vals[n.inputs[0]] * self.masks[n.attr("group")][...].astype(x.dtype)
-            elif n.op == "add":
-                y = sum((vals[i] for i in n.inputs[1:]), vals[n.inputs[0]])
-            elif n.op in PRODUCERS:
+                mask = self.masks[n.attr("group")][...]
+                y = op_of(n).apply(n, mask, [vals[n.inputs[0]]])
+            elif op_of(n).flow == "producer":
                 y = self._linear(n, vals, by_name)
             else:
-                y = self._apply(n, vals[n.inputs[0]])
+                layer = self.layers[n.name] if n.name in self.layers else None
+                y = op_of(n).apply(n, layer, [vals[i] for i in n.inputs])
             vals[n.name] = y
         return vals
 
@@ -298,33 +246,13 @@ class Net(nnx.Module):
         if parts is not None:
             y = mix_parts(parts, mask.astype(parts.dtype))
         else:
-            op = (
-                dense_op
-                if n.op == "dense"
-                else conv_op(n.attr("strides"), n.attr("padding"))
-            )
+            op = op_of(n).contraction(n)
             kernel = layer.kernel[...]
             if mask is None:
                 y = op(x, kernel)
             else:
                 y = masked_contraction(op, x, mask.astype(x.dtype), kernel)
         return y if layer.bias is None else y + layer.bias[...]
-
-    def _apply(self, n: Node, x: jax.Array) -> jax.Array:
-        op = n.op
-        if op == "batchnorm":
-            return self.layers[n.name](x)
-        if op == "relu":
-            return jax.nn.relu(x)
-        if op == "sigmoid":
-            return jax.nn.sigmoid(x)
-        if op == "softmax":
-            return jax.nn.softmax(x, axis=-1)
-        if op == "maxpool":
-            return apply_pool(x, n, "max")
-        if op in SHAPE_OPS:
-            return apply_shape_op(n, x)
-        raise ValueError(f"unknown op {op!r} in node {n.name!r}")
 
 
 def abstract_net(nodes: tuple[Node, ...]) -> Net:

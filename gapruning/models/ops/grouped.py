@@ -1,0 +1,136 @@
+"""Grouped convolutions: depthwise (``dwconv``) and general (``grouped_conv``).
+
+A depthwise convolution filters each channel on its own: output channel ``c``
+reads input channel ``c`` only, so its output is its input's channel space
+(flow ``channelwise``: pruning a channel removes it from the layer's input,
+kernel and output at once). A grouped convolution with ``1 < groups < channels``
+mixes channels within each group; removing channels would need equal counts per
+group, so its input and output channels are not prunable (flow ``opaque``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from flax import nnx
+
+from ..masked_layers import conv_op
+from .base import LinearOp
+from .linear import torch_pads
+
+
+class GroupedConvBase(LinearOp):
+    """A convolution with ``feature_group_count`` groups; kernel ``(kh, kw,
+    in / groups, out)``."""
+
+    variables = ("kernel", "bias")
+
+    def groups(self, node, in_channels: int) -> int:
+        raise NotImplementedError
+
+    def features(self, node, in_channels: int) -> int:
+        raise NotImplementedError
+
+    def layer(self, node, in_shape, rngs):
+        c = in_shape[-1]
+        return nnx.Conv(
+            c,
+            self.features(node, c),
+            kernel_size=node.attr("kernel_size"),
+            strides=node.attr("strides"),
+            padding=node.attr("padding"),
+            feature_group_count=self.groups(node, c),
+            use_bias=node.attr("use_bias"),
+            rngs=rngs,
+        )
+
+    def linear(self, node, p, x, *, absolute, bias):
+        k = jnp.abs(p["kernel"]) if absolute else p["kernel"]
+        dtype = jnp.promote_types(x.dtype, k.dtype)
+        op = conv_op(node.attr("strides"), node.attr("padding"))
+        groups = x.shape[-1] // k.shape[-2]
+        y = op(x.astype(dtype), k.astype(dtype), groups)
+        return y + p["bias"] if bias and "bias" in p else y
+
+    def onnx(self, w, node, ins):
+        p = w.params[node.name]
+        kernel = p["kernel"].transpose(3, 2, 0, 1)
+        groups = w.in_shape(node)[-1] // kernel.shape[1]
+        return w.emit(
+            "Conv",
+            w.weighted(node, ins[0], kernel),
+            node.name,
+            group=groups,
+            **w.window_attrs(node, node.attr("kernel_size")),
+        )
+
+    def torch_layer(self, node, in_shape):
+        from torch import nn
+
+        c = in_shape[-1]
+        return nn.Conv2d(
+            c,
+            self.features(node, c),
+            tuple(node.attr("kernel_size")),
+            stride=tuple(node.attr("strides")),
+            groups=self.groups(node, c),
+            bias=node.attr("use_bias"),
+        )
+
+    def torch(self, graph, node, ins, in_shape):
+        from torch.nn import functional as F
+
+        return getattr(graph, node.name)(F.pad(ins[0], torch_pads(node, in_shape)))
+
+    def torch_state(self, node, p, chw):
+        out = {"weight": p["kernel"].transpose(3, 2, 0, 1).copy()}
+        if "bias" in p:
+            out["bias"] = p["bias"]
+        return out
+
+
+class DepthwiseConv(GroupedConvBase):
+    """One ``kh x kw`` filter per channel (groups = channels, multiplier 1)."""
+
+    name = "dwconv"
+    flow = "channelwise"
+
+    def groups(self, node, in_channels):
+        return in_channels
+
+    def features(self, node, in_channels):
+        return in_channels
+
+    def cost(self, node, ref):
+        mo, go = ref(node.name)
+        k = math.prod(node.attr("kernel_size"))
+        params = [(k * mo, go, -1)]
+        if node.attr("use_bias"):
+            params.append((mo, go, -1))
+        return params, [(math.prod(node.shape[:-1]) * k * mo, go, -1)]
+
+    def compact_params(self, node, p, rows, cols):
+        return {k: v[..., cols] for k, v in p.items()}
+
+
+class GroupedConv(GroupedConvBase):
+    """``groups`` groups of ``in / groups`` input channels each; not prunable."""
+
+    name = "grouped_conv"
+    flow = "opaque"
+
+    def groups(self, node, in_channels):
+        return node.attr("groups")
+
+    def features(self, node, in_channels):
+        return node.attr("features")
+
+    def cost(self, node, ref):
+        ci, co = ref(node.inputs[0])[0], ref(node.name)[0]
+        k = math.prod(node.attr("kernel_size")) * ci // node.attr("groups") * co
+        params = [(k, -1, -1)] + ([(co, -1, -1)] if node.attr("use_bias") else [])
+        return params, [(math.prod(node.shape[:-1]) * k, -1, -1)]
+
+    def compact_params(self, node, p, rows, cols):
+        return p
