@@ -170,16 +170,26 @@ class NCHWGraph:
         self._store(node, self._per_feature(x, weight.T.copy()), bias, out, name)
         return Val(node, "flat")
 
-    def conv(self, x: Val, weight, bias, *, strides, pads, name: str) -> Val:
-        """2-D convolution, ``weight`` ``OIHW``, ``pads`` ``(top, left, bottom,
-        right)`` or ``"SAME"`` (extra padding at the end) or ``"VALID"``."""
-        x = self._need(x, ("map",), "convolution", name)
+    def conv(
+        self, x: Val, weight, bias, *, strides, pads, name: str, groups: int = 1
+    ) -> Val:
+        """2-D convolution, ``weight`` ``OIHW`` (``I`` = input channels / groups),
+        ``pads`` ``(top, left, bottom, right)`` or ``"SAME"`` (extra padding at
+        the end) or ``"VALID"``. A 1x1 convolution of a pooled ``(C, 1, 1)`` map
+        is a dense layer (squeeze-excite blocks)."""
         weight = np.asarray(weight, np.float32)
+        if self._real(x).kind == "pooled" and _pointwise(weight, strides, pads, groups):
+            out = self.linear(
+                Val(self._real(x).node, "flat"), weight[:, :, 0, 0], bias, name=name
+            )
+            return Val(out.node, "pooled")
+        x = self._need(x, ("map",), "convolution", name)
         c = self.fw_shape(x)[0]
-        if weight.ndim != 4 or weight.shape[1] != c:
+        if weight.ndim != 4 or weight.shape[1] * groups != c:
             raise ShapeMismatchError(
                 f"{self.where}: weight of {name!r} has shape {weight.shape}, "
-                f"its input has {c} channels (expected (out, {c}, kh, kw))"
+                f"its input has {c} channels in {groups} group(s) (expected "
+                f"(out, {c // max(groups, 1)}, kh, kw))"
             )
         out, _, kh, kw = weight.shape
         if not isinstance(pads, str):
@@ -192,6 +202,7 @@ class NCHWGraph:
             strides=tuple(int(s) for s in strides),
             padding=pads,
             use_bias=bias is not None,
+            groups=int(groups),
             name=self.name(name),
         )
         self._store(node, weight.transpose(2, 3, 1, 0).copy(), bias, out, name)
@@ -281,6 +292,27 @@ class NCHWGraph:
             )
         return Val(self.g.softmax(x.node, name=self.name(name)), x.kind, x.perm)
 
+    def activation(self, x: Val, op: str, *, name: str, **attrs) -> Val:
+        """An elementwise activation of the op table (``relu6``, ``silu``...)."""
+        x = self._real(x)
+        node = self.g.activation(x.node, op, name=self.name(name), **attrs)
+        return Val(node, x.kind, x.perm)
+
+    def mul(self, a: Val, b: Val, *, name: str) -> Val:
+        """``a * b`` of two tensors: equal layouts, or a feature map times a
+        pooled ``(C, 1, 1)`` gate (either order)."""
+        a, b = self._real(a), self._real(b)
+        if a.kind == "pooled" and b.kind == "map":
+            a, b = b, a
+        same = a.kind == b.kind and a.perm == b.perm
+        gate = a.kind == "map" and b.kind == "pooled"
+        if not (same or gate) or self.g.shape(b.node)[-1] != self.g.shape(a.node)[-1]:
+            raise ShapeMismatchError(
+                f"{self.where}: mul {name!r} of shapes {self.fw_shape(a)} and "
+                f"{self.fw_shape(b)}"
+            )
+        return Val(self.g.mul(a.node, b.node, name=self.name(name)), a.kind, a.perm)
+
     def maxpool(self, x: Val, kernel, strides, pads, *, name: str) -> Val:
         x = self._need(x, ("map",), "max pooling", name)
         return Val(
@@ -309,6 +341,14 @@ class NCHWGraph:
         if x.kind == "pooled":
             return x
         return Val(self.g.global_avgpool(x.node, name=self.name(name)), "pooled")
+
+    def adaptive_avgpool(self, x: Val, size, *, name: str) -> Val:
+        """Adaptive average pooling to ``size`` ``(H_out, W_out)``."""
+        if tuple(size) == (1, 1):
+            return self.global_avgpool(x, name=name)
+        x = self._need(x, ("map",), "adaptive average pooling", name)
+        node = self.g.adaptive_avgpool(x.node, tuple(size), name=self.name(name))
+        return Val(node, "map")
 
     def flatten(self, x: Val, *, name: str) -> Val:
         """Flattens everything after the batch axis, in the framework's order."""
@@ -382,6 +422,18 @@ class NCHWGraph:
                 f"{self.where}: the output {out.node!r} is not the last operation"
             )
         return self.g.build(out.node)
+
+
+def _pointwise(weight, strides, pads, groups) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped convolution kernel."""
+    no_pads = pads in ("VALID", "SAME") or not any(int(p) for p in pads)
+    return (
+        weight.ndim == 4
+        and weight.shape[2:] == (1, 1)
+        and tuple(int(s) for s in strides) == (1, 1)
+        and no_pads
+        and groups == 1
+    )
 
 
 def _pads(pads):

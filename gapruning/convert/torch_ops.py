@@ -38,6 +38,9 @@ def module_call(g: NCHWGraph, mod, target, args, unsupported):
         return g.relu(x, name=name)
     if isinstance(mod, nn.Sigmoid):
         return g.sigmoid(x, name=name)
+    act = _module_activation(mod)
+    if act is not None:
+        return g.activation(x, act[0], name=name, **act[1])
     if isinstance(mod, nn.Softmax):
         return g.softmax(x, -1 if mod.dim is None else mod.dim, name=name)
     if isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity)):
@@ -49,21 +52,46 @@ def module_call(g: NCHWGraph, mod, target, args, unsupported):
     if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
         return _pool_module(g, mod, target, x, unsupported)
     if isinstance(mod, nn.AdaptiveAvgPool2d):
-        if pair(mod.output_size) != (1, 1):
-            unsupported(
-                f"layer {target!r} (AdaptiveAvgPool2d({mod.output_size}); only "
-                "output size 1 is supported)"
-            )
-        return g.global_avgpool(x, name=name)
+        if None in pair_or_none(mod.output_size):
+            unsupported(f"layer {target!r} (AdaptiveAvgPool2d({mod.output_size}))")
+        return g.adaptive_avgpool(x, pair(mod.output_size), name=name)
     unsupported(f"layer {target!r} ({type(mod).__name__})")
 
 
+def _module_activation(mod) -> tuple[str, dict] | None:
+    """``(op, attrs)`` of an activation module of the op table, else None."""
+    from torch import nn
+
+    if isinstance(mod, nn.Hardtanh) and (mod.min_val, mod.max_val) == (0.0, 6.0):
+        return "relu6", {}
+    if isinstance(mod, nn.GELU):
+        return "gelu", {"approximate": mod.approximate == "tanh"}
+    simple = {nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu"}
+    op = simple.get(type(mod))
+    return None if op is None else (op, {})
+
+
+def pair_or_none(v) -> tuple:
+    """``(v, v)`` for a single value, else the tuple (entries may be None)."""
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def ceil_pads(in_hw, k, s, p) -> tuple[int, int]:
+    """Extra bottom/right padding that makes a pooling window count of
+    ``ceil_mode=True`` (PyTorch's rule: the last window starts inside the input
+    or its left padding)."""
+    extra = []
+    for size, kk, ss, pp in zip(in_hw, k, s, p, strict=True):
+        out = -(-(size + 2 * pp - kk) // ss) + 1
+        if (out - 1) * ss >= size + pp:
+            out -= 1
+        extra.append(max((out - 1) * ss + kk - (size + 2 * pp), 0))
+    return tuple(extra)
+
+
 def _conv_module(g: NCHWGraph, mod, target, x, unsupported):
-    if mod.groups != 1 or tuple(mod.dilation) != (1, 1):
-        unsupported(
-            f"layer {target!r} (Conv2d with groups={mod.groups}, "
-            f"dilation={tuple(mod.dilation)})"
-        )
+    if tuple(mod.dilation) != (1, 1):
+        unsupported(f"layer {target!r} (Conv2d with dilation={tuple(mod.dilation)})")
     if mod.padding_mode != "zeros":
         unsupported(f"layer {target!r} (Conv2d padding_mode={mod.padding_mode!r})")
     (t, b), (left, r) = conv_pads(mod, tuple(mod.kernel_size))
@@ -73,6 +101,7 @@ def _conv_module(g: NCHWGraph, mod, target, x, unsupported):
         _np(mod.bias),
         strides=tuple(mod.stride),
         pads=(t, left, b, r),
+        groups=mod.groups,
         name=sanitize(target),
     )
 
@@ -97,16 +126,16 @@ def _pool_module(g: NCHWGraph, mod, target, x, unsupported):
     from torch import nn
 
     name = sanitize(target)
-    if mod.ceil_mode or (
-        isinstance(mod, nn.MaxPool2d) and pair(mod.dilation) != (1, 1)
-    ):
+    is_max = isinstance(mod, nn.MaxPool2d)
+    if (mod.ceil_mode and not is_max) or (is_max and pair(mod.dilation) != (1, 1)):
         unsupported(f"layer {target!r} ({type(mod).__name__} with ceil_mode/dilation)")
     k, s, p = (
         pair(mod.kernel_size),
         pair(mod.stride or mod.kernel_size),
         pair(mod.padding),
     )
-    pads = (p[0], p[1], p[0], p[1])
+    eh, ew = ceil_pads(g.fw_shape(x)[1:], k, s, p) if mod.ceil_mode else (0, 0)
+    pads = (p[0], p[1], p[0] + eh, p[1] + ew)
     if isinstance(mod, nn.MaxPool2d):
         if mod.return_indices:
             unsupported(f"layer {target!r} (MaxPool2d returning indices)")
@@ -125,6 +154,9 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
         return g.relu(x, name=name)
     if fn in (torch.sigmoid, F.sigmoid):
         return g.sigmoid(x, name=name)
+    act = _function_activation(fn, kw, torch, F)
+    if act is not None:
+        return g.activation(x, act[0], name=name, **act[1])
     if fn in (torch.softmax, F.softmax):
         dim = args[1] if len(args) > 1 else kw.get("dim")
         return g.softmax(x, -1 if dim is None else dim, name=name)
@@ -141,9 +173,9 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
         return _pool_function(g, n, args, kw, unsupported, is_max=is_max)
     if fn in (F.adaptive_avg_pool2d,):
         size = args[1] if len(args) > 1 else kw.get("output_size")
-        if pair(size) != (1, 1):
+        if None in pair_or_none(size):
             unsupported(f"call {n.name!r} (adaptive_avg_pool2d to {size})")
-        return g.global_avgpool(x, name=name)
+        return g.adaptive_avgpool(x, pair(size), name=name)
     if fn is operator.getitem and isinstance(x, Val):
         stride = _spatial_stride(args[1])
         if stride is None:
@@ -155,6 +187,20 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
     if out is None:
         unsupported(f"call {n.name!r} ({getattr(fn, '__name__', fn)})")
     return out
+
+
+def _function_activation(fn, kw, torch, F) -> tuple[str, dict] | None:
+    """``(op, attrs)`` of an activation function of the op table, else None."""
+    if fn is F.gelu:
+        return "gelu", {"approximate": kw.get("approximate", "none") == "tanh"}
+    simple = {
+        F.relu6: "relu6",
+        F.hardswish: "hardswish",
+        F.hardsigmoid: "hardsigmoid",
+        F.silu: "silu",
+    }
+    op = simple.get(fn)
+    return None if op is None else (op, {})
 
 
 def _pool_function(g: NCHWGraph, n, args, kw, unsupported, *, is_max: bool):
@@ -169,7 +215,7 @@ def _pool_function(g: NCHWGraph, n, args, kw, unsupported, *, is_max: bool):
     s = pair(st) if st not in (None, [], ()) else k
     ph, pw = pair(bound.get("padding", 0))
     if (
-        bound.get("ceil_mode")
+        (bound.get("ceil_mode") and not is_max)
         or bound.get("return_indices")
         or bound.get("divisor_override") is not None
         or pair(bound.get("dilation", 1)) != (1, 1)
@@ -177,7 +223,10 @@ def _pool_function(g: NCHWGraph, n, args, kw, unsupported, *, is_max: bool):
         unsupported(f"call {n.name!r} ({n.target.__name__} with ceil_mode/dilation)")
     x, name = args[0], sanitize(n.name)
     if is_max:
-        return g.maxpool(x, k, s, (ph, pw, ph, pw), name=name)
+        extra = (0, 0)
+        if bound.get("ceil_mode"):
+            extra = ceil_pads(g.fw_shape(x)[1:], k, s, (ph, pw))
+        return g.maxpool(x, k, s, (ph, pw, ph + extra[0], pw + extra[1]), name=name)
     return g.avgpool(
         x,
         k,
@@ -217,6 +266,8 @@ def _arithmetic(g: NCHWGraph, n, args, kw, unsupported, torch):
             return g.affine(v, shift=float(c), name=name)
     if fn in (operator.mul, torch.mul):
         a, b = args[0], args[1]
+        if isinstance(a, Val) and isinstance(b, Val):
+            return g.mul(a, b, name=name)
         v, c = (a, b) if isinstance(a, Val) else (b, a)
         if isinstance(v, Val) and isinstance(c, (int, float)):
             return g.affine(v, scale=float(c), name=name)

@@ -1,0 +1,174 @@
+"""PyTorch modules using the op table's newer ops convert exactly, and prune and
+compact exactly: a MobileNetV2-style inverted residual, a squeeze-excite block
+(MobileNetV3-style: hardswish, hardsigmoid gate, conv 1x1 on the pooled map),
+activations, adaptive pooling and max pooling with ceil_mode."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from convert_nets import flax_out, inputs, rel_diff, torch_out  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import gapruning as gp  # noqa: E402
+from gapruning.convert import UnsupportedLayerError, from_torch  # noqa: E402
+
+TOL = 1e-4  # relative logit error
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2: expand 1x1, depthwise 3x3, project 1x1, residual add."""
+
+    def __init__(self, c=6, expand=3):
+        super().__init__()
+        h = c * expand
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.expand = nn.Sequential(
+            nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6()
+        )
+        self.dw = nn.Sequential(
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False),
+            nn.BatchNorm2d(h),
+            nn.ReLU6(inplace=True),
+        )
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.dw(self.expand(x)))
+        x = F.adaptive_avg_pool2d(x, (1, 1))
+        return self.head(torch.flatten(x, 1))
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3: hardswish conv, depthwise conv, SE gate (conv 1x1 on the
+    pooled map, hardsigmoid), grouped conv, adaptive pooling to 2x2, GELU/SiLU."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.act = nn.Hardswish()
+        self.dw = nn.Conv2d(c, c, 3, stride=2, padding=1, groups=c)
+        self.fc1 = nn.Conv2d(c, 4, 1)
+        self.fc2 = nn.Conv2d(4, c, 1)
+        self.gate = nn.Hardsigmoid()
+        self.grouped = nn.Conv2d(c, c, 3, padding=1, groups=2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(4 * c, 6)
+
+    def forward(self, x):
+        x = self.act(self.conv(x))
+        x = F.silu(self.dw(x))
+        s = F.adaptive_avg_pool2d(x, 1)
+        s = self.gate(self.fc2(F.relu(self.fc1(s))))
+        x = nn.functional.gelu(self.grouped(x * s))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class CeilPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 5, 3)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.fc = nn.Linear(5 * 3 * 3, 4)
+
+    def forward(self, x):
+        x = F.relu6(self.conv(x))
+        x = F.max_pool2d(self.pool(x), 2, 1, ceil_mode=True)
+        return self.fc(torch.flatten(x, 1))
+
+
+def _randomize(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.3, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.3, generator=gen)
+    return module.eval()
+
+
+CASES = {
+    "inverted_residual": (InvertedResidual, (8, 8, 3)),
+    "squeeze_excite": (SqueezeExcite, (8, 8, 3)),
+    "ceil_pool": (CeilPool, (10, 10, 2)),
+}
+
+
+def _converted(case):
+    cls, shape = CASES[case]
+    torch.manual_seed(0)
+    module = _randomize(cls())
+    return module, from_torch(module, input_shape=shape), shape
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_converts_within_tolerance(case):
+    module, net, shape = _converted(case)
+    x, x_fw = inputs(shape)
+    assert rel_diff(flax_out(net, x), torch_out(module, x_fw)) <= TOL
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_prunes_and_compacts_exactly(case):
+    _, net, shape = _converted(case)
+    space = net.space
+    rng = np.random.default_rng(0)
+    masks = {}
+    for g in space.groups:
+        m = rng.random(g.size) < 0.5
+        m[0] = True
+        masks[g.name] = m
+    small = gp.compact(net, masks)
+    x = inputs(shape)[0]
+    np.testing.assert_allclose(
+        np.asarray(small.model(x)),
+        np.asarray(gp.masked_apply(net, masks, x)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert gp.param_count(small) == space.params(masks)
+
+
+def test_groups_follow_the_couplings():
+    """Inverted residual: the depthwise conv is in the expansion's group, the
+    residual joins the stem and the projection. SE: the gate's second conv is in
+    the gated map's group; the grouped conv's input and output are not prunable."""
+    _, net, _ = _converted("inverted_residual")
+    names = {n.op: n.name for n in net.model.nodes}
+    space = net.space
+    assert space.group_of(names["dwconv"]) == space.group_of("expand_0")
+    assert len(space.groups) == 2
+    _, net, _ = _converted("squeeze_excite")
+    space = net.space
+    assert space.group_of("fc2") is None and space.group_of("grouped") is None
+    assert [g.name for g in space.groups] == ["fc1"]
+
+
+def test_unsupported_layers_fail_naming_them():
+    class Dilated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(2, 4, 3, dilation=2), nn.ReLU())
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.adaptive_avg_pool2d(self.body(x), 1).flatten(1))
+
+    with pytest.raises(UnsupportedLayerError, match=r"'body\.0'.*dilation"):
+        from_torch(Dilated(), input_shape=(8, 8, 2))
+
+    class CeilAvg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(9, 2)
+
+        def forward(self, x):
+            return self.fc(F.avg_pool2d(x, 3, 2, ceil_mode=True).flatten(1))
+
+    with pytest.raises(UnsupportedLayerError, match="avg_pool2d with ceil_mode"):
+        from_torch(CeilAvg(), input_shape=(7, 7, 1))
