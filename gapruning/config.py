@@ -17,7 +17,8 @@ BUDGETS = ("units", "params", "flops")
 ENCODINGS = ("units", "profile")
 DTYPES = ("float32", "bfloat16")
 REPAIRS = ("merge", "cosine", "lstsq")  # "cosine": the old name of "merge"
-RECOVER_STEPS = (*REPAIRS, "distill")
+# "auto": the default repair where it applies (gapruning.defaults)
+RECOVER_STEPS = ("auto", *REPAIRS, "distill")
 
 # old keyword -> new keyword; the old one still works and warns
 DEPRECATED_KEYWORDS = {"chunk": "generations_per_scan"}
@@ -50,6 +51,8 @@ class PruneConfig:
             of metric weights), or a callable ``masks_batch -> (P,)``, lower better.
         generations, population: search length and width.
         num_probes: how many synthetic probes the fitness (and repair) uses.
+            Any of the three left at ``None`` follows the network's cost
+            (:func:`gapruning.defaults.default_sizes`).
         seed: the run's seed: same seed and device count, same masks.
         checkpoint_dir: save the search state there (orbax, atomic).
         progress: show a progress bar.
@@ -75,7 +78,10 @@ class PruneConfig:
             ``"lstsq"``: least squares; see :mod:`gapruning.recover`) and repair
             the result the same way.
         recover: recovery of the found masks, in order: a repair (``"merge"`` /
-            ``"lstsq"``) before compaction, ``"distill"`` after it.
+            ``"lstsq"``) before compaction, ``"distill"`` after it; ``"auto"``
+            (the default) is a least squares repair where it applies
+            (:func:`gapruning.defaults.with_default_recovery`), so ``("auto",
+            "distill")`` repairs and distills; ``()``: no recovery.
         recover_options: ``{"repair": {...}, "distill": {...}}`` keyword
             arguments of ``gp.recover.repair`` / ``gp.recover.distill``.
     """
@@ -84,9 +90,9 @@ class PruneConfig:
     target: float = 0.7
     budget: str = "units"
     fitness: str | Mapping[str, float] | Callable = "default"
-    generations: int = 200
-    population: int = 64
-    num_probes: int = 512
+    generations: int | None = None
+    population: int | None = None
+    num_probes: int | None = None
     seed: int = 0
     checkpoint_dir: str | Path | None = None
     progress: bool = True
@@ -103,7 +109,7 @@ class PruneConfig:
     dtype: str | None = None
     chunk_size: int | str | None = "auto"
     repair: str | None = None
-    recover: tuple[str, ...] = ()
+    recover: tuple[str, ...] = ("auto",)
     recover_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(
         default_factory=dict
     )
@@ -123,14 +129,14 @@ class PruneConfig:
             )
         _at_least(self.generations, 1, "generations")
         _at_least(self.population, 2, "population")
+        if self.probes is None and not callable(self.fitness):
+            _at_least(self.num_probes, 1, "num_probes")
         if self.encoding not in ENCODINGS:
             raise ValueError(
                 f"unknown encoding {self.encoding!r}; known: {', '.join(ENCODINGS)}"
             )
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume needs a checkpoint_dir")
-        if self.num_probes < 1 and self.probes is None and not callable(self.fitness):
-            raise ValueError(f"num_probes must be at least 1, got {self.num_probes}")
         _at_least(self.generations_per_scan, 1, "generations_per_scan")
         _at_least(self.checkpoint_every, 1, "checkpoint_every")
         if self.dtype is not None and str(self.dtype) not in DTYPES:
@@ -157,7 +163,7 @@ class PruneConfig:
     def repair_steps(self) -> tuple[str, ...]:
         """Every repair asked for, by ``repair=`` or in ``recover``."""
         named = (self.repair, *self.recover)
-        return tuple(s for s in named if s not in (None, "distill"))
+        return tuple(s for s in named if s not in (None, "auto", "distill"))
 
     @property
     def repair_method(self) -> str | None:
@@ -186,14 +192,15 @@ class PruneConfig:
             out["dtype"] = str(self.dtype)
         if self.chunk_size != "auto":
             out["chunk_size"] = self.chunk_size
-        if self.repair or self.recover:
+        if self.repair or self.recover not in ((), ("auto",)):
             out["repair"] = self.repair
             out["recover"] = list(self.recover)
         return out
 
 
-def _at_least(value: int, low: int, name: str) -> None:
-    if value < low:
+def _at_least(value: int | None, low: int, name: str) -> None:
+    """Refuses ``value < low``; ``None`` (decided later) passes."""
+    if value is not None and value < low:
         raise ValueError(f"{name} must be at least {low}, got {value}")
 
 

@@ -1,5 +1,7 @@
 """``gp.prune``: data-free pruning of a pretrained network, as a pipeline of stages.
 
+0. :mod:`gapruning.defaults`: search sizes left at ``None`` follow the network's
+   cost; ``recover="auto"`` becomes a least squares repair where it applies.
 1. :func:`make_problem`: the space, the exact budget and the data-free fitness
    (probes made from the model only), handed to the search as a ``MethodContext``.
 2. :func:`find_masks`: the engine search (``strategy="ga"``...) or a method
@@ -24,6 +26,7 @@ import numpy as np
 from . import recover as recover_lib
 from .compact import compact, param_count, sparsify
 from .config import PruneConfig, make_config
+from .defaults import check_memory, with_default_recovery, with_default_sizes
 from .encoding import Budget
 from .methods import METHODS, MethodContext, MethodResult, run_method
 from .methods.engine_search import engine_search
@@ -131,8 +134,13 @@ def prune(
     """
     config = make_config(config, args, options)
     net = _pretrained(net)
+    config = with_default_sizes(config, net.space.dense_flops)
+    if config.strategy not in METHODS and not callable(config.fitness):
+        given = config.probes is not None and not isinstance(config.probes, str)
+        check_memory(net, len(config.probes) if given else config.num_probes)
     ctx = make_problem(net, config)
     found = find_masks(ctx, config)
+    config = with_default_recovery(config, net, found)
     pruned = finish(ctx, config, found)
     settings = config.settings()
     pruned.card["pruning"]["method"] = {
@@ -244,8 +252,11 @@ def repaired(found: MethodResult, config: PruneConfig) -> Pretrained:
 
 def repair_options(config: PruneConfig) -> dict[str, Any]:
     """Keyword arguments of the repair: the search scores, and the result gets,
-    the same one (lstsq: on probes of the fitness's kind, another seed)."""
-    options = {"seed": config.seed + 1, "num_probes": config.num_probes}
+    the same one. Scored inside the search, lstsq fits on probes of another seed
+    than the fitness's; repairing only the result, on the same seed (so with
+    BatchNorm it reuses the fitness's ``bn_stats`` probes instead of making more)."""
+    seed = config.seed + 1 if config.repair else config.seed
+    options = {"seed": seed, "num_probes": config.num_probes}
     options.update(config.recover_options.get("repair", {}))
     if isinstance(config.probes, str):
         options.setdefault("probes", config.probes)

@@ -13,9 +13,13 @@ from gapruning.config import POSITIONAL, PruneConfig, make_config
 def test_defaults_follow_the_documented_call():
     config = PruneConfig()
     assert (config.strategy, config.target, config.budget) == ("ga", 0.7, "units")
-    assert (config.generations, config.population, config.num_probes) == (200, 64, 512)
+    # sizes follow the network (gapruning.defaults); the recovery is decided after
+    # the search
+    assert (config.generations, config.population, config.num_probes) == (None,) * 3
     assert config.generations_per_scan == 10 and config.chunk_size == "auto"
+    assert config.recover == ("auto",)
     assert config.repair_method is None and not config.distill
+    assert PruneConfig(recover=("auto", "distill")).distill
 
 
 def test_positional_arguments_map_onto_fields_in_order():
@@ -92,7 +96,61 @@ def test_a_config_is_reused_and_overridden_by_keywords():
     )
     by_config = gp.prune(net, config=base, seed=1)
     by_keywords = gp.prune(net, **{**dataclasses.asdict(base), "seed": 1})
-    assert by_config.config == dataclasses.replace(base, seed=1)
+    # the result's config is the one that ran: "auto" became the lstsq repair
+    assert by_config.config == dataclasses.replace(base, seed=1, recover=("lstsq",))
     for group, mask in by_config.masks.items():
         np.testing.assert_array_equal(mask, by_keywords.masks[group])
     assert by_config.report()["settings"] == by_keywords.report()["settings"]
+
+
+def test_default_sizes_follow_the_network_cost():
+    from gapruning.defaults import FULL_SEARCH, SEARCH_FLOPS, default_sizes
+
+    assert default_sizes(266_200) == FULL_SEARCH  # lenet300
+    gens, pop, probes = default_sizes(30_821_248)  # resnet20
+    assert (pop, probes) == (32, 256) and gens % 10 == 0
+    assert abs(gens * pop * probes * 30_821_248 - SEARCH_FLOPS) <= 5 * pop * probes * 30_821_248
+    assert default_sizes(10**12) == (10, 32, 256)  # never fewer than 10 generations
+    sized = gp.prune(
+        gp.load("lenet300-fmnist"), "l1", 0.5, progress=False
+    ).config
+    assert (sized.generations, sized.population, sized.num_probes) == FULL_SEARCH
+    given = gp.prune(gp.load("lenet300-fmnist"), "l1", 0.5, population=8, progress=False)
+    assert given.config.population == 8 and given.config.generations == 200
+
+
+def test_auto_recovery_repairs_only_masks_of_the_dense_network():
+    net = gp.load("lenet300-fmnist")
+    fast = dict(target=0.5, progress=False)
+    l1 = gp.prune(net, "l1", **fast)
+    assert l1.config.recover == ("lstsq",)
+    assert l1.pruned.card["repair"]["method"] == "lstsq"
+    plain = gp.prune(net, "l1", recover=(), **fast)
+    assert plain.config.recover == () and "repair" not in plain.pruned.card
+    # neuron merging returns compensated weights: nothing more to repair
+    assert gp.prune(net, "neuron_merging", **fast).config.recover == ()
+    # a named repair replaces the default one; distill follows it
+    named = PruneConfig(recover=("auto", "merge"))
+    assert named.repair_method == "merge"
+    both = gp.prune(
+        net,
+        "l1",
+        recover=("auto", "distill"),
+        recover_options={"distill": {"steps": 2, "batch_size": 8}},
+        **fast,
+    )
+    assert both.config.recover == ("lstsq", "distill")
+    assert both.pruned.card["distill"]["steps"] == 2
+
+
+def test_a_search_that_cannot_fit_in_memory_is_refused_up_front(monkeypatch):
+    from gapruning import defaults
+    from gapruning.defaults import check_memory
+
+    net = gp.load("resnet20-fmnist")
+    check_memory(net, 512)  # fits this machine
+    with pytest.raises(MemoryError, match=r"resnet20-fmnist: one individual on 512 probes"):
+        check_memory(net, 512, limit=2**20)
+    monkeypatch.setattr(defaults, "memory_bytes", lambda: 2**20)
+    with pytest.raises(MemoryError, match="use fewer probes"):
+        gp.prune(net, target=0.5, budget="flops", progress=False)

@@ -34,9 +34,10 @@ def _add_search_options(pr) -> None:
         default="default",
         help="metric name or JSON weights, e.g. '{\"fidelity\": 1}'",
     )
-    pr.add_argument("--generations", type=int, default=200)
-    pr.add_argument("--population", type=int, default=64)
-    pr.add_argument("--num-probes", type=int, default=512)
+    sizes = "default: follows the model's cost (200 x 64 x 512 for small models)"
+    pr.add_argument("--generations", type=int, help=sizes)
+    pr.add_argument("--population", type=int, help=sizes)
+    pr.add_argument("--num-probes", type=int, help=sizes)
     pr.add_argument(
         "--probes", help="probe kind (gaussian, uniform, bn_stats, inversion)"
     )
@@ -92,6 +93,12 @@ def _add_run_options(pr) -> None:
         type=int,
         default=0,
         help="distill the pruned model from the dense one on probes (N steps)",
+    )
+    pr.add_argument(
+        "--no-repair",
+        action="store_true",
+        help="keep the found masks' weights as they are (default: least squares "
+        "repair on probes before compaction)",
     )
     pr.add_argument("--out", required=True, help="run directory")
     pr.add_argument("--overwrite", action="store_true")
@@ -176,7 +183,7 @@ def _prune_into(args, out: Path) -> None:
         dtype=args.dtype,
         chunk_size=_chunk_size(args.chunk_size),
         repair=args.repair,
-        recover=("distill",) if args.distill_steps else (),
+        recover=_recover(args),
         recover_options={"distill": {"steps": args.distill_steps}},
         strategy_options=strategy_options,
     )
@@ -186,6 +193,13 @@ def _prune_into(args, out: Path) -> None:
         f"pruned {net.name}: params {p['before']:,} -> {p['after']:,}, "
         f"FLOPs {f['before']:,} -> {f['after']:,}; wrote {out}/"
     )
+
+
+def _recover(args) -> tuple[str, ...]:
+    """The recover steps: the default repair unless ``--no-repair``, then
+    distillation with ``--distill-steps N``."""
+    repair = () if args.no_repair else ("auto",)
+    return (*repair, "distill") if args.distill_steps else repair
 
 
 def _generations_per_scan(args) -> dict[str, int]:

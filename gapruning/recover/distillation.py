@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -270,6 +271,7 @@ def train(ctx: StepContext, state, x, new_probes, progress: bool, name: str):
     mix = jax.random.fold_in(key, 2**31 - 1)  # mixup randomness, apart from orders
     with progress_bar(progress) as bar:
         task = bar.add_task(f"distill {name}", total=c.steps)
+        timer = StepTimer(c.steps)
         for i in range(c.steps):
             epoch, b = divmod(i, per_epoch)
             if b == 0:
@@ -283,7 +285,39 @@ def train(ctx: StepContext, state, x, new_probes, progress: bool, name: str):
             if progress:
                 text = f"distill  KL {float(loss):.4g}"
                 bar.update(task, completed=i + 1, description=text)
+                estimate = timer.estimate(i)
+                if estimate:
+                    bar.console.print(estimate)
     return params, x
+
+
+class StepTimer:
+    """The time a loop of ``steps`` steps will take, from its first steps."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.start = time.perf_counter()
+        self.second = None
+
+    def estimate(self, i: int) -> str | None:
+        """After step ``i`` (0-based): at step 2, a line with the expected total
+        (the first step compiles; the second gives the pace), else ``None``."""
+        now = time.perf_counter()
+        if i == 0:
+            self.second = now
+        if i != 1 or self.steps < 3:
+            return None
+        total = now - self.start + (now - self.second) * (self.steps - 2)
+        return f"distill: {self.steps} steps, about {format_seconds(total)} in all"
+
+
+def format_seconds(seconds: float) -> str:
+    """``"42 s"``, ``"3.5 min"`` or ``"1.2 h"``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def distill(
