@@ -5,9 +5,11 @@
   :data:`SEARCH_FLOPS`: small networks get the full search, larger ones a narrower
   and shorter one. They depend on the network alone (never on the machine), so a
   default run stays reproducible by seed.
-* The recover step ``"auto"`` (the default) repairs the found masks by least squares before compaction
-  when the masks came from a search over the dense network; methods that change
-  the weights themselves, compact themselves or prune weights are left as they are.
+* The recover step ``"auto"`` (the default) repairs the found masks by least
+  squares before compaction, then distills the result for as many probe
+  evaluations as the search spent, when the masks came from a search over the
+  dense network; methods that change the weights themselves, compact themselves
+  or prune weights are left as they are.
 
 The chosen values are written into the run's config and report. A search whose
 activations cannot fit in the machine's memory is refused before it starts.
@@ -23,6 +25,7 @@ import jax
 from .config import PruneConfig
 from .forward import population_footprint
 from .methods import METHODS, MethodResult
+from .recover import DistillConfig
 from .zoo import Pretrained
 
 # The full search: generations, population, probes.
@@ -33,6 +36,9 @@ MIN_GENERATIONS = 10
 # Dense-network FLOPs (as ``PruneSpace.flops`` counts them) x individuals x probes x
 # generations a default search may spend; see docs/user-guide.md for the times.
 SEARCH_FLOPS = 5e12
+# The default distillation's bounds (steps), and the settings its cost reads.
+MIN_DISTILL_STEPS, MAX_DISTILL_STEPS = 100, 2000
+DISTILL_COST_KEYS = ("batch_size", "adversarial")
 
 
 def default_sizes(dense_flops: int) -> tuple[int, int, int]:
@@ -70,9 +76,11 @@ def with_default_recovery(
     config: PruneConfig, dense: Pretrained, found: MethodResult
 ) -> PruneConfig:
     """``config`` with the recover step ``"auto"`` replaced by what it means for
-    ``found``: ``"lstsq"`` when ``found`` holds structured masks of the ``dense``
-    network as given (not compensated, not compacted) and no repair was named
-    (``repair=`` or a recover step), else nothing."""
+    ``found``. When ``found`` holds structured masks of the ``dense`` network as
+    given (not compensated, not compacted) and no repair was named (``repair=``
+    or a recover step): ``"lstsq"``, then ``"distill"`` for
+    :func:`default_distill_steps` unless distillation was asked for already or
+    the search was too short to pay for it. Otherwise nothing."""
     if "auto" not in config.recover:
         return config
     method = METHODS.get(config.strategy)
@@ -83,9 +91,30 @@ def with_default_recovery(
         and (method is None or method.structured)
     )
     steps = [s for s in config.recover if s != "auto"]
+    options = dict(config.recover_options)
     if repairable:
         steps.insert(0, "lstsq")
-    return dataclasses.replace(config, recover=tuple(steps))
+        distill = dict(options.get("distill", {}))
+        n = default_distill_steps(dense, found.evaluations * config.num_probes, distill)
+        if "distill" not in steps and n:
+            steps.append("distill")
+            options["distill"] = {"steps": n, **distill}
+    return dataclasses.replace(config, recover=tuple(steps), recover_options=options)
+
+
+def default_distill_steps(
+    dense: Pretrained, probe_evaluations: int, options: dict | None = None
+) -> int:
+    """Distillation steps that spend as many probe evaluations as the search did
+    (a step evaluates its batch on the teacher and the student, backward, and
+    once more per adversarial push), at most :data:`MAX_DISTILL_STEPS`; 0 when
+    that is under :data:`MIN_DISTILL_STEPS` (too short to pay for itself).
+    ``options``: the distillation's own settings (batch size, pushes)."""
+    known = {k: v for k, v in (options or {}).items() if k in DISTILL_COST_KEYS}
+    c = DistillConfig.for_teacher(dense, **known)
+    per_step = c.batch_size * 4 * (1 + c.adversarial)
+    steps = min(probe_evaluations // per_step, MAX_DISTILL_STEPS)
+    return steps if steps >= MIN_DISTILL_STEPS else 0
 
 
 def memory_bytes() -> int:

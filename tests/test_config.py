@@ -125,6 +125,8 @@ def test_auto_recovery_repairs_only_masks_of_the_dense_network():
     l1 = gp.prune(net, "l1", **fast)
     assert l1.config.recover == ("lstsq",)
     assert l1.pruned.card["repair"]["method"] == "lstsq"
+    # a one-shot method spends no search: nothing to pay a distillation with
+    assert "distill" not in l1.pruned.card
     plain = gp.prune(net, "l1", recover=(), **fast)
     assert plain.config.recover == () and "repair" not in plain.pruned.card
     # neuron merging returns compensated weights: nothing more to repair
@@ -154,3 +156,41 @@ def test_a_search_that_cannot_fit_in_memory_is_refused_up_front(monkeypatch):
     monkeypatch.setattr(defaults, "memory_bytes", lambda: 2**20)
     with pytest.raises(MemoryError, match="use fewer probes"):
         gp.prune(net, target=0.5, budget="flops", progress=False)
+
+
+def test_default_distillation_spends_what_the_search_spent():
+    from gapruning.defaults import default_distill_steps
+
+    resnet, lenet = gp.load("resnet20-fmnist"), gp.load("lenet300-fmnist")
+    # 20 x 32 individuals on 256 probes; 128 probes a step, teacher + student
+    # forward and backward (4 passes), no adversarial push with BatchNorm
+    assert default_distill_steps(resnet, 20 * 32 * 256) == 20 * 32 * 256 // (128 * 4)
+    # without BatchNorm, 3 pushes: 16 passes a step; capped at 2000
+    assert default_distill_steps(lenet, 200 * 64 * 512) == 2000
+    assert default_distill_steps(lenet, 100 * 2048) == 100
+    assert default_distill_steps(lenet, 99 * 2048) == 0  # too short to pay
+    assert default_distill_steps(lenet, 100 * 2048, {"batch_size": 256}) == 0
+    run = gp.prune(
+        lenet,
+        target=0.5,
+        generations=4,
+        population=8,
+        num_probes=32,
+        progress=False,
+        recover_options={"distill": {"steps": 5, "batch_size": 8}},
+    )
+    # the search's (4 + 1) x 8 individuals x 32 probes pay for 10 steps of 8
+    # probes x 16 passes: under 100, so no distillation
+    assert run.config.recover == ("lstsq",)
+    # on 512 probes they pay for 160 steps: distilled, for the steps asked
+    longer = gp.prune(
+        lenet,
+        target=0.5,
+        generations=4,
+        population=8,
+        num_probes=512,
+        progress=False,
+        recover_options={"distill": {"steps": 5, "batch_size": 8}},
+    )
+    assert longer.config.recover == ("lstsq", "distill")
+    assert longer.pruned.card["distill"]["steps"] == 5

@@ -95,10 +95,10 @@ def _add_run_options(pr) -> None:
         help="distill the pruned model from the dense one on probes (N steps)",
     )
     pr.add_argument(
-        "--no-repair",
+        "--no-recover",
         action="store_true",
         help="keep the found masks' weights as they are (default: least squares "
-        "repair on probes before compaction)",
+        "repair, then distillation sized by the search; see docs/user-guide.md)",
     )
     pr.add_argument("--out", required=True, help="run directory")
     pr.add_argument("--overwrite", action="store_true")
@@ -196,10 +196,10 @@ def _prune_into(args, out: Path) -> None:
 
 
 def _recover(args) -> tuple[str, ...]:
-    """The recover steps: the default repair unless ``--no-repair``, then
-    distillation with ``--distill-steps N``."""
-    repair = () if args.no_repair else ("auto",)
-    return (*repair, "distill") if args.distill_steps else repair
+    """The recover steps: the default recovery unless ``--no-recover``, with
+    distillation for ``--distill-steps N``."""
+    default = () if args.no_recover else ("auto",)
+    return (*default, "distill") if args.distill_steps else default
 
 
 def _generations_per_scan(args) -> dict[str, int]:
