@@ -94,6 +94,8 @@ def from_torch(
         input_shape = check_input_shape(input_shape)
     state, module, file, kind = _read_source(source)
     where = str(file) if file is not None else f"torch {kind}"
+    if module is not None:  # errors name the class: "torch module ResNet: ..."
+        where = f"torch module {type(module).__name__}"
     if arch is not None:
         if input_shape is not None:
             arch_kwargs["input_shape"] = input_shape
