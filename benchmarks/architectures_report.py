@@ -62,7 +62,7 @@ def markdown(report: dict, planned=()) -> str:
         "",
     ]
     if report["settings"].get("quick"):
-        lines += ["Quick mode: three small builders.", ""]
+        lines += ["Quick mode: two small builders.", ""]
     c = counts(report)
     lines += [
         "| stage | ok | failed | skipped |",
