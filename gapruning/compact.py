@@ -34,6 +34,15 @@ def kept_index(space: PruneSpace, masks: Mapping, tensor: str, width: int):
         inner = kept_index(space, masks, src.name, src.shape[-1])
         positions = math.prod(src.shape[:-1])
         return (np.arange(positions)[:, None] * src.shape[-1] + inner[None, :]).ravel()
+    pieces = space.pieces_of(tensor)
+    if pieces:
+        starts = np.cumsum([0] + [space.node(t).shape[-1] for t in pieces])
+        return np.concatenate(
+            [
+                start + kept_index(space, masks, t, space.node(t).shape[-1])
+                for start, t in zip(starts, pieces, strict=False)
+            ]
+        )
     group = space.group_of(tensor)
     if group is None:
         return np.arange(width)

@@ -67,6 +67,28 @@ class SqueezeExcite(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class Inception(nn.Module):
+    """GoogLeNet-style: branches concatenated, then BatchNorm and a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.b1 = nn.Conv2d(6, 4, 1)
+        self.b2 = nn.Sequential(
+            nn.Conv2d(6, 3, 1), nn.ReLU(), nn.Conv2d(3, 5, 3, padding=1)
+        )
+        self.pool = nn.MaxPool2d(3, 1, padding=1)
+        self.bn = nn.BatchNorm2d(15)
+        self.conv = nn.Conv2d(15, 7, 3)
+        self.fc = nn.Linear(7, 4)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = torch.cat([self.b1(x), self.b2(x), self.pool(x)], 1)
+        x = self.conv(F.relu(self.bn(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 class CeilPool(nn.Module):
     def __init__(self):
         super().__init__()
@@ -96,6 +118,7 @@ CASES = {
     "inverted_residual": (InvertedResidual, (8, 8, 3)),
     "squeeze_excite": (SqueezeExcite, (8, 8, 3)),
     "ceil_pool": (CeilPool, (10, 10, 2)),
+    "inception": (Inception, (8, 8, 3)),
 }
 
 
@@ -147,6 +170,8 @@ def test_groups_follow_the_couplings():
     space = net.space
     assert space.group_of("fc2") is None and space.group_of("grouped") is None
     assert [g.name for g in space.groups] == ["fc1"]
+    _, net, _ = _converted("inception")
+    assert {g.name for g in net.space.groups} == {"stem", "b1", "b2_0", "b2_2", "conv"}
 
 
 def test_unsupported_layers_fail_naming_them():

@@ -377,6 +377,21 @@ class NCHWGraph:
             )
         return Val(self.g.add(a.node, b.node, name=self.name(name)), a.kind, a.perm)
 
+    def concat(self, xs: list[Val], axis: int, *, name: str) -> Val:
+        """Concatenation along the channel axis (1) of maps, pooled maps or
+        vectors in our order."""
+        xs = [self._real(x) for x in xs]
+        kinds = {x.kind for x in xs}
+        rank = 2 if kinds == {"flat"} else 4
+        if len(kinds) != 1 or axis % rank != 1 or any(x.perm for x in xs):
+            shapes = [self.fw_shape(x) for x in xs]
+            raise ConversionError(
+                f"{self.where}: concat {name!r} of {shapes} along axis {axis}; only "
+                "the channel axis (1) of equally laid out tensors is supported"
+            )
+        node = self.g.concat(*(x.node for x in xs), name=self.name(name))
+        return Val(node, xs[0].kind)
+
     def subsample(self, x: Val, stride: int, *, name: str) -> Val:
         """``x[:, :, ::stride, ::stride]`` (a strided spatial slice)."""
         if x.kind != "map":

@@ -176,6 +176,11 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
         if None in pair_or_none(size):
             unsupported(f"call {n.name!r} (adaptive_avg_pool2d to {size})")
         return g.adaptive_avgpool(x, pair(size), name=name)
+    if fn is torch.cat:
+        dim = args[1] if len(args) > 1 else kw.get("dim", 0)
+        if not all(isinstance(v, Val) for v in x):
+            unsupported(f"call {n.name!r} (torch.cat of non-tensors)")
+        return g.concat(list(x), dim, name=name)
     if fn is operator.getitem and isinstance(x, Val):
         stride = _spatial_stride(args[1])
         if stride is None:

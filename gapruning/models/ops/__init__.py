@@ -19,6 +19,7 @@ from .activations import (
 )
 from .base import FLOWS, LinearOp, Op, ShapeOp, UnsupportedOpError
 from .batchnorm import BatchNorm
+from .concat import Concat, ConcatMask
 from .grouped import DepthwiseConv, GroupedConv
 from .linear import Conv, Dense
 from .multiply import Mul
@@ -85,3 +86,5 @@ register_op(ChannelMap())
 register_op(DepthwiseConv())
 register_op(GroupedConv())
 register_op(Mul())
+register_op(Concat())
+register_op(ConcatMask())
