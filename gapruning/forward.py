@@ -26,8 +26,8 @@ from flax import nnx
 
 from .models import Mask, Net
 from .models.graph import mask_read
-from .models.ops import op_of
 from .models.masked_layers import conv_op, per_channel_parts, per_channel_population
+from .models.ops import op_of
 from .space import MaskError
 from .zoo import Pretrained
 

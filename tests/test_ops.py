@@ -12,6 +12,7 @@ from flax import nnx
 import gapruning as gp
 from gapruning.compact import param_count
 from gapruning.convert.common import build_pretrained
+from gapruning.fitness.base import FitnessError
 from gapruning.fitness.interval import (
     impact_bounds,
     interval_bounds,
@@ -43,6 +44,12 @@ def _concat(g, x):
 def _flat_head(g, x):
     h = g.relu(g.dense(g.flatten(g.maxpool(x, 2)), 7, name="fc"))
     return g.dense(h, 3, name="out")
+
+
+def _ln_head(g, x):
+    """LayerNorm on the map and on a vector; the prunable group is ``fc``."""
+    h = g.relu(g.dense(g.global_avgpool(g.conv(x, 5, 3, name="c2")), 7, name="fc"))
+    return g.dense(g.layernorm(g.dense(h, 4, name="fc2")), 3, name="out")
 
 
 def _conv_head(g, x):
@@ -78,6 +85,7 @@ BODIES = {
     "mul": (_se, _conv_head),
     "concat": (_concat, _conv_head),
     "concat_mask": (_concat, _flat_head),
+    "layernorm": (lambda g, x: g.layernorm(x), _ln_head),
 }
 for _act in ("relu6", "hardswish", "hardsigmoid", "silu"):
     BODIES[_act] = (lambda g, x, a=_act: g.activation(x, a), _conv_head)
@@ -175,6 +183,10 @@ def test_compaction_is_exact_and_costs_are_the_compacted_counts(op):
 @pytest.mark.parametrize("op", sorted(BODIES))
 def test_interval_bounds_contain_sampled_outputs(op):
     net = network(op)
+    if not all(OPS[n.op].supports("bounds") for n in net.model.nodes[1:]):
+        with pytest.raises(FitnessError, match=r"does not support nodes \[.*layernorm"):
+            interval_bounds(net)
+        return
     masks = {k: v.astype(np.float32) for k, v in random_masks(net.space).items()}
     lo, hi = interval_bounds(net, masks)
     x = inputs(256, seed=2)

@@ -44,7 +44,8 @@ class InvertedResidual(nn.Module):
 
 class SqueezeExcite(nn.Module):
     """MobileNetV3: hardswish conv, depthwise conv, SE gate (conv 1x1 on the
-    pooled map, hardsigmoid), grouped conv, adaptive pooling to 2x2, GELU/SiLU."""
+    pooled map, hardsigmoid), grouped conv, adaptive pooling to 2x2, GELU/SiLU,
+    LayerNorm of the features."""
 
     def __init__(self, c=8):
         super().__init__()
@@ -57,6 +58,8 @@ class SqueezeExcite(nn.Module):
         self.grouped = nn.Conv2d(c, c, 3, padding=1, groups=2)
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.fc = nn.Linear(4 * c, 6)
+        self.ln = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
 
     def forward(self, x):
         x = self.act(self.conv(x))
@@ -64,7 +67,7 @@ class SqueezeExcite(nn.Module):
         s = F.adaptive_avg_pool2d(x, 1)
         s = self.gate(self.fc2(F.relu(self.fc1(s))))
         x = nn.functional.gelu(self.grouped(x * s))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return self.out(self.ln(self.fc(torch.flatten(self.pool(x), 1))))
 
 
 class Inception(nn.Module):

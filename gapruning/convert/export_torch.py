@@ -80,8 +80,9 @@ def _fold_masks(nodes, params, masks):
                     params[q.name]["kernel"] = params[q.name]["kernel"] * tiled[:, None]
             else:
                 raise ConversionError(
-                    f"mask {n.attr('group') or n.name!r} is read by {r.op} {r.name!r} and cannot "
-                    "be folded into weights: compact the model first"
+                    f"mask {n.attr('group') or n.name!r} is read by {r.op} "
+                    f"{r.name!r} and cannot be folded into weights: compact the "
+                    "model first"
                 )
     return params
 

@@ -230,6 +230,18 @@ class NCHWGraph:
         self.params[node] = {k: self._per_feature(x, v) for k, v in arrays.items()}
         return Val(node, x.kind, x.perm)
 
+    def layernorm(self, x: Val, scale, bias, *, epsilon, name: str) -> Val:
+        """LayerNorm over the features of a vector (or a pooled map)."""
+        x = self._need(x, ("flat", "pooled"), "layer norm", name)
+        n = self.fw_shape(x)[0]
+        arrays = {"scale": scale, "bias": bias}
+        for key, value in arrays.items():
+            arrays[key] = np.asarray(value, np.float32).reshape(-1)
+            self._check(f"{key} of {name!r}", arrays[key].shape, (n,))
+        node = self.g.layernorm(x.node, epsilon=float(epsilon), name=self.name(name))
+        self.params[node] = {k: self._per_feature(x, v) for k, v in arrays.items()}
+        return Val(node, x.kind, x.perm)
+
     def affine(self, x: Val, scale=None, shift=None, *, name: str) -> Val:
         """``x * scale + shift`` with per-channel (or scalar) constants."""
         x = self._need(x, ("map", "flat", "pooled"), "affine", name)

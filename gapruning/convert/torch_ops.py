@@ -43,6 +43,8 @@ def module_call(g: NCHWGraph, mod, target, args, unsupported):
         return g.activation(x, act[0], name=name, **act[1])
     if isinstance(mod, nn.Softmax):
         return g.softmax(x, -1 if mod.dim is None else mod.dim, name=name)
+    if isinstance(mod, nn.LayerNorm):
+        return _layernorm_module(g, mod, target, x, unsupported)
     if isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity)):
         return x
     if isinstance(mod, nn.Flatten):
@@ -102,6 +104,23 @@ def _conv_module(g: NCHWGraph, mod, target, x, unsupported):
         strides=tuple(mod.stride),
         pads=(t, left, b, r),
         groups=mod.groups,
+        name=sanitize(target),
+    )
+
+
+def _layernorm_module(g: NCHWGraph, mod, target, x, unsupported):
+    if len(mod.normalized_shape) != 1 or x.kind == "map":
+        unsupported(
+            f"layer {target!r} (LayerNorm{tuple(mod.normalized_shape)} of a tensor "
+            f"of shape {g.fw_shape(x)}; only over the features of a vector)"
+        )
+    c = mod.normalized_shape[0]
+    affine = mod.weight is not None
+    return g.layernorm(
+        x,
+        _np(mod.weight) if affine else np.ones(c, np.float32),
+        _np(mod.bias) if mod.bias is not None else np.zeros(c, np.float32),
+        epsilon=mod.eps,
         name=sanitize(target),
     )
 

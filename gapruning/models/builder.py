@@ -162,6 +162,17 @@ class GraphBuilder:
             momentum=float(momentum),
         )
 
+    def layernorm(self, x, *, epsilon=1e-5, name=None) -> str:
+        """LayerNorm over the channel axis; the channels it reads are not
+        prunable."""
+        return self._add(
+            "layernorm",
+            self._name("ln", name),
+            (x,),
+            self.shape(x),
+            epsilon=float(epsilon),
+        )
+
     def relu(self, x, name=None) -> str:
         return self._add("relu", self._name("relu", name), (x,), self.shape(x))
 

@@ -66,8 +66,11 @@ class ConcatMask(Mask):
         """Each piece's width becomes its number of kept channels."""
         widths = [w for _, w in attrs["pieces"]]
         ends = np.cumsum(widths)
-        kept = [int(((cols >= e - w) & (cols < e)).sum()) for w, e in zip(widths, ends)]
-        pieces = tuple((g, k) for (g, _), k in zip(attrs["pieces"], kept))
+        kept = [
+            int(((cols >= e - w) & (cols < e)).sum())
+            for w, e in zip(widths, ends, strict=True)
+        ]
+        pieces = tuple((g, k) for (g, _), k in zip(attrs["pieces"], kept, strict=True))
         return {**attrs, "pieces": pieces}
 
     def torch(self, graph, node, ins, in_shape):
