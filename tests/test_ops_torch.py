@@ -92,6 +92,30 @@ class Inception(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+def stochastic_depth(input, p, mode, training=True):
+    """Named like torchvision.ops.stochastic_depth (identity in eval mode)."""
+    return input if not training else input * (torch.rand(()) > p)
+
+
+torch.fx.wrap("stochastic_depth")
+
+
+class MeanHead(nn.Module):
+    """EfficientNet/MNASNet idioms: stochastic depth on a residual branch,
+    ``x.mean([2, 3])`` as the global pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.branch = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.silu(self.conv(x))
+        x = x + stochastic_depth(self.branch(x), 0.2, "row", self.training)
+        return self.fc(x.mean([2, 3]))
+
+
 class CeilPool(nn.Module):
     def __init__(self):
         super().__init__()
@@ -122,6 +146,7 @@ CASES = {
     "squeeze_excite": (SqueezeExcite, (8, 8, 3)),
     "ceil_pool": (CeilPool, (10, 10, 2)),
     "inception": (Inception, (8, 8, 3)),
+    "mean_head": (MeanHead, (6, 6, 3)),
 }
 
 

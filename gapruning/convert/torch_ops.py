@@ -187,6 +187,11 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
         return g.flatten(x, name=name)
     if fn in (F.dropout, F.dropout2d):
         return x
+    if getattr(fn, "__name__", "") == "stochastic_depth":  # torchvision.ops
+        training = args[3] if len(args) > 3 else kw.get("training", True)
+        if training:
+            unsupported(f"call {n.name!r} (stochastic_depth in training mode)")
+        return x
     if fn in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d):
         is_max = fn is not F.avg_pool2d
         return _pool_function(g, n, args, kw, unsupported, is_max=is_max)
@@ -333,6 +338,13 @@ def method_call(g: NCHWGraph, n, args, kw, unsupported):
         return g.relu(x, name=name)
     if m in ("sigmoid", "sigmoid_"):
         return g.sigmoid(x, name=name)
+    if m == "mean":
+        dims = args[1] if len(args) > 1 else kw.get("dim")
+        dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
+        keep = args[2] if len(args) > 2 else kw.get("keepdim", False)
+        if sorted(d % 4 for d in dims) != [2, 3] or keep or x.kind != "map":
+            unsupported(f"method call {n.name!r} (.mean over {dims}; only H, W)")
+        return Val(g.global_avgpool(x, name=name).node, "flat")  # (N, C)
     if m == "softmax":
         dim = args[1] if len(args) > 1 else kw.get("dim")
         return g.softmax(x, dim, name=name)
