@@ -320,3 +320,14 @@ def test_population_fitness_matches_one_individual_at_a_time(op):
     alone = [float(fit({g: v[None] for g, v in m.items()})[0]) for m in masks]
     assert len(set(np.round(together, 6))) == 3
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["concat", "gelu", "adaptive_avgpool", "dwconv"])
+def test_save_and_load_keep_the_op(op, tmp_path):
+    net = network(op)
+    small = gp.compact(net, random_masks(net.space))
+    gp.save(small, tmp_path / "m")
+    back = gp.load(tmp_path / "m")
+    assert back.model.nodes == small.model.nodes
+    x = inputs(4)
+    np.testing.assert_allclose(np.asarray(back.model(x)), np.asarray(small.model(x)))
