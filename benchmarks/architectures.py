@@ -234,7 +234,7 @@ class Worker:
     def __init__(self, name: str, args, row_file: Path):
         self.name, self.args, self.row_file = name, args, Path(row_file)
         self.row = {"model": name, "stages": {}}
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"arch-{name}-"))
+        self.tmp = self.row_file.parent  # the parent's, removed after a timeout too
 
     def save(self):
         write_text_atomic(self.row_file, json.dumps(self.row))
