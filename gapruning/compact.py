@@ -66,7 +66,10 @@ def compact(
     space = PruneSpace(pretrained.model)
     space.validate(masks, allow_empty=allow_empty)
     masks = {g: np.asarray(masks[g]).astype(bool) for g in space.group_names}
-    old_params = nnx.to_pure_dict(nnx.state(pretrained.model.layers))
+    # NumPy: slicing jax arrays would compile one gather per layer shape
+    old_params = jax.tree.map(
+        np.asarray, nnx.to_pure_dict(nnx.state(pretrained.model.layers))
+    )
     index = {}
     nodes = []
     for n in pretrained.model.nodes:
