@@ -61,6 +61,8 @@ def markdown(report: dict, planned=()) -> str:
         "(a shared machine: times and timeouts depend on it).",
         "",
     ]
+    if report.get("note"):  # written by hand about a sweep's circumstances
+        lines += [f"Note: {report['note']}", ""]
     if report["settings"].get("quick"):
         lines += ["Quick mode: two small builders.", ""]
     c = counts(report)
