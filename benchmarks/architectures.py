@@ -30,8 +30,11 @@ its finished rows. Builders with more than ``--max-params`` parameters (at 10
 classes) are skipped with their size, not run.
 
 Run: ``python benchmarks/architectures.py`` (every builder, about an hour on 2
-CPU cores) or ``--quick`` (resnet18, mobilenet_v3_small, squeezenet1_1);
-``--models a,b`` picks builders. Output: ``benchmarks/results/architectures.{json,md}``.
+CPU cores) or ``--quick`` (resnet18, squeezenet1_1: small graphs);
+``--models a,b`` picks builders, ``--resume`` runs those the saved report
+lacks, ``--update`` re-runs some, ``--render-only`` rewrites the ``.md``.
+Output: ``benchmarks/results/architectures.{json,md}`` (the page is written by
+``architectures_report.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -49,28 +53,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from architectures_report import STAGES, counts, markdown, write_report  # noqa: E402
 from common import RESULTS, import_torchvision, machine  # noqa: E402
 
 from gapruning.files import write_text_atomic  # noqa: E402
 
-STAGES = (
-    "convert",
-    "parity",
-    "prune",
-    "compact",
-    "export_torch",
-    "export_onnx",
-    "onnx_legacy",
-    "onnx_dynamo",
-)
-NEEDS = {
-    "parity": "convert",
-    "prune": "parity",
-    "compact": "prune",
-    "export_torch": "compact",
-    "export_onnx": "compact",
-}
-QUICK = ("resnet18", "mobilenet_v3_small", "squeezenet1_1")
+__all__ = ["STAGES", "counts", "markdown", "write_report"]  # the report, re-exported
+
+# stage -> the stage it needs
+NEEDS = {"parity": "convert", "prune": "parity", "compact": "prune"}
+NEEDS |= {"export_torch": "compact", "export_onnx": "compact"}
+QUICK = ("resnet18", "squeezenet1_1")
 TOL = 1e-4
 SIZES = (32, 64, 96, 128, 160, 224, 299)
 # builders whose input size is a constructor argument (positional embeddings...)
@@ -78,6 +71,15 @@ SIZE_KEYWORD = {"vit_": "image_size", "maxvit_": "input_size"}
 # the auxiliary classifiers of these are training-only; leave them out
 NO_AUX = ("googlenet", "inception_v3")
 BATCH = 4
+SIZE_WORDS = dict(t=0, tiny=0, s=1, small=1, m=2, b=3, base=3, l=4, large=4, h=5)
+# a sweep runs one builder of each family first (the smallest name in natural
+# order), so a sweep stopped part-way has seen every family
+FAMILIES = (
+    *("wide_resnet", "resnext", "resnet", "vgg", "mobilenet_v2", "mobilenet_v3"),
+    *("efficientnet_v2", "efficientnet", "mnasnet", "densenet", "shufflenet_v2"),
+    *("squeezenet", "regnet_x", "regnet_y", "convnext", "swin_v2", "swin", "maxvit"),
+    "vit",
+)
 
 
 class Mismatch(AssertionError):
@@ -86,14 +88,16 @@ class Mismatch(AssertionError):
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="three small builders")
+    p.add_argument("--quick", action="store_true", help="two small builders")
     p.add_argument("--models", help="comma-separated builder names (default: all)")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)))
     p.add_argument("--timeout", type=float, default=420.0, help="seconds per model")
     p.add_argument("--max-params", type=float, default=150e6, help="0: no limit")
     p.add_argument("--jobs", type=int, default=1, help="models run at once")
     p.add_argument("--update", action="store_true", help="replace these rows only")
+    p.add_argument("--resume", action="store_true", help="run missing rows only")
     p.add_argument("--out", default=str(RESULTS / "architectures"))
+    p.add_argument("--render-only", action="store_true", help="rewrite the .md")
     p.add_argument("--one", help=argparse.SUPPRESS)  # worker: one model
     p.add_argument("--row-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -111,6 +115,25 @@ def builders() -> list[str]:
     """Every image-classification builder of ``torchvision.models``."""
     tv = import_torchvision()
     return sorted(tv.models.list_models(module=tv.models))
+
+
+def family_first(names) -> list[str]:
+    """``names`` with the first of each family (natural order: resnet18 before
+    resnet101) in front, then the second of each, and so on."""
+
+    def natural(name):
+        tokens = [t for t in re.split(r"(\d+)|_", name) if t]
+        return [
+            (0, int(t), "") if t.isdigit() else (1, SIZE_WORDS.get(t, 9), t)
+            for t in tokens
+        ]
+
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names, key=natural):
+        family = next((f for f in FAMILIES if name.startswith(f)), name)
+        groups.setdefault(family, []).append(name)
+    rounds = max((len(g) for g in groups.values()), default=0)
+    return [g[i] for i in range(rounds) for g in groups.values() if i < len(g)]
 
 
 # ------------------------------------------------------------------ one model
@@ -133,24 +156,34 @@ def build_torch(name: str, sizes, max_params: float):
     module = None
     for size in sizes:
         torch.manual_seed(0)
-        if module is None or keyword is not None:
-            kw = dict(extra)
-            if keyword is not None:
-                kw[keyword] = size if keyword == "image_size" else (size, size)
-            module = tv.models.get_model(name, weights=None, num_classes=10, **kw)
-            count = sum(p.numel() for p in module.parameters())
-            if max_params and count > max_params:
-                raise Skipped(f"{count / 1e6:.0f}M parameters > --max-params")
-            randomize_bn(module.eval())
-        try:
+        kw = dict(extra)
+        if keyword is not None:
+            kw[keyword] = size if keyword == "image_size" else (size, size)
+        try:  # a size can be too small for the builder or for its pooling
+            if module is None or keyword is not None:
+                module = tv.models.get_model(name, weights=None, num_classes=10, **kw)
+                check_size(module, max_params)
+                randomize_bn(module.eval())
             with torch.no_grad():
                 module(torch.zeros(2, 3, size, size))
-        except Exception as err:  # too small for its pooling or patching
+        except Skipped:
+            raise
+        except Exception as err:
             errors.append(f"{size}: {first_line(err)}")
             continue
         note = "" if size == sizes[0] else f"smaller sizes fail ({errors[0]})"
         return module, size, note
     raise RuntimeError(f"no input size of {sizes} works: {errors[-1]}")
+
+
+def check_size(module, max_params: float) -> None:
+    count = sum(p.numel() for p in module.parameters())
+    if max_params and count > max_params:
+        raise Skipped(f"{count / 1e6:.0f}M parameters > --max-params")
+
+
+class TorchExportError(RuntimeError):
+    """torch.onnx.export itself failed (the ONNX import was not reached)."""
 
 
 class Skipped(Exception):
@@ -201,7 +234,7 @@ class Worker:
     def __init__(self, name: str, args, row_file: Path):
         self.name, self.args, self.row_file = name, args, Path(row_file)
         self.row = {"model": name, "stages": {}}
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"arch-{name}-"))
+        self.tmp = self.row_file.parent  # the parent's, removed after a timeout too
 
     def save(self):
         write_text_atomic(self.row_file, json.dumps(self.row))
@@ -335,9 +368,16 @@ class Worker:
 
         path = self.tmp / f"torch_{'dynamo' if dynamo else 'legacy'}.onnx"
         kw = {} if dynamo else {"input_names": ["input"], "output_names": ["output"]}
-        torch.onnx.export(
-            self.module, (torch.from_numpy(self.x_fw),), str(path), dynamo=dynamo, **kw
-        )
+        try:
+            torch.onnx.export(
+                self.module,
+                (torch.from_numpy(self.x_fw),),
+                str(path),
+                dynamo=dynamo,
+                **kw,
+            )
+        except Exception as err:  # torch's exporter, not gapruning, failed
+            raise TorchExportError(f"torch.onnx.export: {first_line(err)}") from None
         net = gp.convert.from_onnx(path)
         return check_close(self.ours(net, self.x), self.ref, "logits")
 
@@ -359,10 +399,16 @@ def run_isolated(name: str, args, log=print) -> dict:
         cmd = [sys.executable, __file__, "--one", name, "--row-file", str(row_file)]
         cmd += ["--sizes", ",".join(map(str, args.sizes))]
         cmd += ["--max-params", str(args.max_params)]
+        # the worker imports gapruning from this checkout, installed or not
+        path = [
+            str(Path(__file__).resolve().parent.parent),
+            os.environ.get("PYTHONPATH"),
+        ]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=args.timeout
+                cmd, capture_output=True, text=True, timeout=args.timeout, env=env
             )
             problem = None if proc.returncode == 0 else last_error(proc.stderr)
         except subprocess.TimeoutExpired:
@@ -372,6 +418,7 @@ def run_isolated(name: str, args, log=print) -> dict:
     if problem is not None:
         close_row(row, problem)
     row["total_s"] = round(time.perf_counter() - t0, 1)
+    row["timeout_s"] = args.timeout  # rows of a resumed sweep may differ
     log(f"{name}: {summary(row)} ({row['total_s']} s)")
     return row
 
@@ -403,11 +450,12 @@ def summary(row: dict) -> str:
 def run(args, log=print) -> dict:
     """The sweep over ``args.models`` (default: every builder), ``args.jobs`` at
     a time; the report is rewritten after every model. With ``args.update`` the
-    saved report's other rows are kept (a re-run of some builders)."""
+    saved report's other rows are kept (a re-run of some builders); with
+    ``args.resume`` the builders it holds are not run again."""
     tv = import_torchvision()
     import torch
 
-    names = args.models or builders()
+    names = family_first(args.models or builders())
     unknown = sorted(set(names) - set(builders()))
     if unknown:
         raise SystemExit(f"unknown torchvision builders: {', '.join(unknown)}")
@@ -424,8 +472,11 @@ def run(args, log=print) -> dict:
         },
         "rows": [],
     }
-    if args.update:
-        report = updated(report, out.with_suffix(".json"), names)
+    if args.update or args.resume:
+        rerun = [] if args.resume else names
+        report = updated(report, out.with_suffix(".json"), rerun)
+        done = {r["model"] for r in report["rows"]}
+        names = [n for n in names if n not in done]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         for row in pool.map(lambda n: run_isolated(n, args, log), names):
@@ -437,120 +488,33 @@ def run(args, log=print) -> dict:
     return report
 
 
+def drop(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
 def updated(report: dict, saved: Path, names) -> dict:
     """``report`` holding the rows of ``saved`` other than ``names``; the command
     records both runs."""
     if not saved.exists():
         raise SystemExit(f"--update: no saved report {saved}")
     old = json.loads(saved.read_text())
-    if old["settings"] != report["settings"]:
+    if drop(old["settings"], "timeout_s") != drop(report["settings"], "timeout_s"):
         raise SystemExit("--update: the saved report used other settings")
     report["rows"] = [r for r in old["rows"] if r["model"] not in names]
     report["command"] = f"{old['command']}; {report['command']}"
     return report
 
 
-# ------------------------------------------------------------------ report
-
-LABELS = {
-    "convert": "convert",
-    "parity": "parity",
-    "prune": "prune",
-    "compact": "compact",
-    "export_torch": "export torch",
-    "export_onnx": "export ONNX",
-    "onnx_legacy": "ONNX in (legacy)",
-    "onnx_dynamo": "ONNX in (dynamo)",
-}
-
-
-def counts(report: dict) -> dict:
-    """stage -> {"ok": n, "failed": n, "skipped": n} over the rows that ran."""
-    out = {s: {"ok": 0, "failed": 0, "skipped": 0} for s in STAGES}
-    for row in report["rows"]:
-        if row.get("status") != "ran":
-            continue
-        for s in STAGES:
-            status = row["stages"].get(s, {}).get("status", "skipped")
-            out[s][status if status in out[s] else "failed"] += 1
-    return out
-
-
-def cell(entry: dict, notes: list[str], model: str, stage: str) -> str:
-    status = entry.get("status", "skipped")
-    if status == "ok":
-        return f"ok {entry['s']:.1f} s"
-    if status == "skipped":
-        return "–"
-    notes.append(f"{model} / {LABELS[stage]}: {entry.get('error', '?')}")
-    return f"✗ [{len(notes)}]"
-
-
-def markdown(report: dict) -> str:
-    rows, m = report["rows"], report["machine"]
-    ran = [r for r in rows if r.get("status") == "ran"]
-    lines = [
-        "# torchvision architectures: convert, prune, compact, export",
-        "",
-        f"`{report['command']}`, {m['date']}: torch {m['torch']}, torchvision "
-        f"{m['torchvision']}, jax {m['jax']}, {m['cores']} CPU cores "
-        f"(devices {', '.join(m['devices'])}); {len(rows)} builders, "
-        f"{len(ran)} run, {report.get('total_s', 0):.0f} s in all. Random weights "
-        "(BatchNorm statistics too), 10 classes, batch of 4; parity and equal "
-        f"outputs mean relative logit error <= {report['settings']['tolerance']:g}. "
-        "Stages are described in `benchmarks/architectures.py`; – is a stage "
-        "skipped because one it needs failed.",
-        "",
-    ]
-    if report["settings"].get("quick"):
-        lines += ["Quick mode: three small builders.", ""]
-    c = counts(report)
-    lines += [
-        "| stage | ok | failed | skipped |",
-        "|---|---|---|---|",
-        *(
-            f"| {LABELS[s]} | {c[s]['ok']} | {c[s]['failed']} | {c[s]['skipped']} |"
-            for s in STAGES
-        ),
-        "",
-        "| model | input | params | " + " | ".join(LABELS[s] for s in STAGES) + " |",
-        "|---|---|---|" + "---|" * len(STAGES),
-    ]
-    notes: list[str] = []
-    for row in rows:
-        if row.get("status") != "ran":
-            lines.append(
-                f"| {row['model']} | | | {row.get('status')}: {row.get('reason')} |"
-                + " |" * (len(STAGES) - 1)
-            )
-            continue
-        size = f"{row['input']}x{row['input']}" + ("*" if row["input_note"] else "")
-        cells = [cell(row["stages"].get(s, {}), notes, row["model"], s) for s in STAGES]
-        lines.append(
-            f"| {row['model']} | {size} | {row['params_torch'] / 1e6:.1f}M | "
-            + " | ".join(cells)
-            + " |"
-        )
-    smaller = [r for r in ran if r["input_note"]]
-    if smaller:
-        lines += ["", "\\* input size: the smallest that the torch model accepts:", ""]
-        lines += [f"- {r['model']}: {r['input_note']}" for r in smaller]
-    if notes:
-        lines += ["", "First error line of each failure:", ""]
-        lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: dict, out: Path) -> None:
-    """``out``.json and ``out``.md, each replaced whole."""
-    write_text_atomic(out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
-    write_text_atomic(out.with_suffix(".md"), markdown(report))
-
-
 def main(argv=None) -> None:
     args = parse(argv)
     if args.one:
         Worker(args.one, args, Path(args.row_file)).run()
+        return
+    if args.render_only:  # the .md again from the saved .json
+        out = Path(args.out)
+        report = json.loads(out.with_suffix(".json").read_text())
+        planned = () if report["settings"]["quick"] else builders()
+        write_report(report, out, planned)
         return
     report = run(args)
     print(markdown(report))

@@ -532,6 +532,9 @@ def markdown(report) -> str:
     lines += [
         "## Summary: the default composite against the oracle",
         "",
+        "Each case's default composite is the one of the run that measured it "
+        "(its terms are listed in the case's section).",
+        "",
         "| case | oracle, random | oracle, frontier | default, random "
         "| default, frontier |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -562,6 +565,14 @@ def markdown(report) -> str:
             f"{ci['seconds']:.0f} s.",
             "",
         ]
+        terms = ci["specs"].get(DEFAULT, {}).get("terms", [])
+        if terms:
+            lines += [
+                "Default composite of this run: "
+                + ", ".join(f"{t['label']} ({t['weight']:g})" for t in terms)
+                + ".",
+                "",
+            ]
         skipped = [k for k in table if k not in ci["labels"]]
         if skipped:
             lines += [

@@ -34,6 +34,15 @@ def kept_index(space: PruneSpace, masks: Mapping, tensor: str, width: int):
         inner = kept_index(space, masks, src.name, src.shape[-1])
         positions = math.prod(src.shape[:-1])
         return (np.arange(positions)[:, None] * src.shape[-1] + inner[None, :]).ravel()
+    pieces = space.pieces_of(tensor)
+    if pieces:
+        starts = np.cumsum([0] + [space.node(t).shape[-1] for t in pieces])
+        return np.concatenate(
+            [
+                start + kept_index(space, masks, t, space.node(t).shape[-1])
+                for start, t in zip(starts, pieces, strict=False)
+            ]
+        )
     group = space.group_of(tensor)
     if group is None:
         return np.arange(width)
@@ -57,7 +66,10 @@ def compact(
     space = PruneSpace(pretrained.model)
     space.validate(masks, allow_empty=allow_empty)
     masks = {g: np.asarray(masks[g]).astype(bool) for g in space.group_names}
-    old_params = nnx.to_pure_dict(nnx.state(pretrained.model.layers))
+    # NumPy: slicing jax arrays would compile one gather per layer shape
+    old_params = jax.tree.map(
+        np.asarray, nnx.to_pure_dict(nnx.state(pretrained.model.layers))
+    )
     index = {}
     nodes = []
     for n in pretrained.model.nodes:

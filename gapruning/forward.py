@@ -27,6 +27,7 @@ from flax import nnx
 from .models import Mask, Net
 from .models.graph import mask_read
 from .models.masked_layers import conv_op, per_channel_parts, per_channel_population
+from .models.ops import op_of
 from .space import MaskError
 from .zoo import Pretrained
 
@@ -106,8 +107,8 @@ def _batched_nodes(net: Net, kernel_masks: bool) -> set[str]:
         if n.op in ("dense", "conv"):
             own = kernel_masks or mask_read(n, by_name) is not None
         else:
-            own = n.op not in ("mask", "flatten") and any(
-                by_name[i].op == "mask" for i in n.inputs
+            own = n.op not in ("mask", "flatten") and (
+                op_of(n).uses_masks or any(by_name[i].op == "mask" for i in n.inputs)
             )
         if own or batched & set(net.reads(n, by_name)):
             batched.add(n.name)

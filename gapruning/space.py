@@ -76,8 +76,8 @@ class PruneSpace:
         names = list(dict.fromkeys(spaces.prunable[s] for s in sorted(spaces.prunable)))
         order = {}
         for n in nodes:  # groups in the order their first mask appears
-            if n.op == "mask":
-                order.setdefault(n.attr("group"), len(order))
+            for g in op_of(n).mask_groups(n):
+                order.setdefault(g, len(order))
         names.sort(key=lambda g: order.get(g, len(order)))
         index = {g: i for i, g in enumerate(names)}
         space_group = {s: index[g] for s, g in spaces.prunable.items()}
@@ -94,6 +94,7 @@ class PruneSpace:
         self.groups: tuple[Group, ...] = tuple(groups)
         self.nodes: tuple[Node, ...] = nodes
         self._space_of = spaces.space_of
+        self._pieces = spaces.pieces
         self._space_group = space_group
         self._by_name = by_name
         self.param_terms, self.flop_terms = self._cost_terms()
@@ -126,16 +127,26 @@ class PruneSpace:
         g = self._space_group.get(self._space_of[node_name])
         return None if g is None else self.groups[g].name
 
-    def unit_ref(self, tensor: str) -> tuple[int, int]:
-        """``(mult, g)``: the tensor's last axis has ``mult * kept[g]`` entries
-        (``g = -1``: a constant ``mult``). Flatten multiplies by the spatial size."""
+    def pieces_of(self, tensor: str) -> tuple[str, ...]:
+        """The tensors a concatenation put one after the other to make
+        ``tensor``'s channels (empty unless it is made of pieces)."""
+        return self._pieces.get(self._space_of[tensor], ())
+
+    def unit_ref(self, tensor: str) -> list[tuple[int, int]]:
+        """The pieces ``(mult, g)`` of the tensor's last axis: it has
+        ``sum(mult * kept[g])`` entries (``g = -1``: a constant ``mult``). One
+        piece, except after a concatenation; flatten multiplies by the spatial
+        size."""
         node = self._by_name[tensor]
         if op_of(node).flow == "reshape":
             src = self._by_name[node.inputs[0]]
-            mult, g = self.unit_ref(src.name)
-            return mult * math.prod(src.shape[:-1]), g
+            size = math.prod(src.shape[:-1])
+            return [(mult * size, g) for mult, g in self.unit_ref(src.name)]
+        pieces = self.pieces_of(tensor)
+        if pieces:
+            return [p for t in pieces for p in self.unit_ref(t)]
         g = self._space_group.get(self._space_of[tensor], -1)
-        return (1, g) if g >= 0 else (node.shape[-1], -1)
+        return [(1, g)] if g >= 0 else [(node.shape[-1], -1)]
 
     def _cost_terms(self):
         """Each op's terms from the op table (:meth:`~gapruning.models.ops.Op.cost`)."""

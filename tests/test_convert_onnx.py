@@ -300,3 +300,68 @@ def test_torch_dynamo_export_of_global_pooling(tmp_path):
     net = from_onnx(path)
     x, x_fw = inputs((16, 16, 1))
     assert rel_diff(flax_out(net, x), torch_out(module, x_fw)) < TOL
+
+
+def mobile_block():
+    """Depthwise and grouped convolutions, ReLU6, Hardswish, Hardsigmoid, SiLU,
+    a squeeze-and-excitation gate, a concat and a ceil-mode max pool."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU6())
+            self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+            self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8), nn.Hardswish())
+            self.grouped = nn.Sequential(nn.Conv2d(8, 8, 1, groups=2), nn.SiLU())
+            self.se = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1),
+                nn.Conv2d(16, 4, 1),
+                nn.ReLU(),
+                nn.Conv2d(4, 16, 1),
+                nn.Hardsigmoid(),
+            )
+            self.head = nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = self.pool(self.stem(x))
+            x = torch.cat([self.dw(x), self.grouped(x)], 1)
+            x = x * self.se(x)
+            return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    with torch.no_grad():
+        return Block().eval()
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_mobile_ops_parity(tmp_path, dynamo):
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    module = mobile_block()
+    path = tmp_path / "block.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kw = {} if dynamo else {"opset_version": 17}
+        torch.onnx.export(
+            module, (torch.zeros(2, 3, 11, 11),), path, dynamo=dynamo, **kw
+        )
+    net = from_onnx(path)
+    x, x_fw = inputs((11, 11, 3))
+    assert rel_diff(flax_out(net, x), torch_out(module, x_fw)) < TOL
+    ops = {n.op for n in net.model.nodes}
+    assert {"concat", "mul", "hardswish", "hardsigmoid", "relu6"} <= ops
+
+
+def test_unsupported_clip_and_hardsigmoid_are_named():
+    model = handmade()
+    relu = model.graph.node[3]  # Relu(bn) -> r
+    relu.op_type, relu.name = "Clip", "clip"
+    relu.attribute.extend([helper.make_attribute("min", -1.0)])
+    model.opset_import[0].version = 10
+    with pytest.raises(UnsupportedLayerError, match=r"Clip to \[-1.0, None\].*'clip'"):
+        from_onnx(model)
+    model = handmade()
+    relu = model.graph.node[3]
+    relu.op_type, relu.name = "HardSigmoid", "hs"
+    with pytest.raises(UnsupportedLayerError, match=r"alpha=0.2, beta=0.5.*'hs'"):
+        from_onnx(model)

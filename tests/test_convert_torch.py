@@ -179,7 +179,10 @@ def test_card_input_box():
 
 def test_unsupported_layer_is_named_with_position():
     module = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
-    with pytest.raises(UnsupportedLayerError, match=r"'1' \(Tanh\).*position 2"):
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=r"^torch module Sequential: unsupported layer '1' \(Tanh\).*position 2",
+    ):
         from_torch(module)
     sd = {"norm.weight": torch.ones(5), "norm.bias": torch.zeros(5)}
     with pytest.raises(UnsupportedLayerError, match="'norm' \\(position 0\\)"):

@@ -12,6 +12,7 @@ from flax import nnx
 import gapruning as gp
 from gapruning.compact import param_count
 from gapruning.convert.common import build_pretrained
+from gapruning.fitness.base import FitnessError
 from gapruning.fitness.interval import (
     impact_bounds,
     interval_bounds,
@@ -32,9 +33,23 @@ def _se(g, x):
     return g.mul(x, g.sigmoid(g.dense(squeeze, 4, name="se2")), name="gate")
 
 
+def _concat(g, x):
+    """Inception/DenseNet-like: branches and the input itself, concatenated,
+    then a BatchNorm (nonzero at removed channels: the mask must follow it)."""
+    a = g.conv(x, 3, 3, name="ca")
+    b = g.relu(g.conv(x, 2, 1, name="cb"))
+    return g.relu(g.batchnorm(g.concat(a, x, b, name="cat"), name="cat_bn"))
+
+
 def _flat_head(g, x):
     h = g.relu(g.dense(g.flatten(g.maxpool(x, 2)), 7, name="fc"))
     return g.dense(h, 3, name="out")
+
+
+def _ln_head(g, x):
+    """LayerNorm on the map and on a vector; the prunable group is ``fc``."""
+    h = g.relu(g.dense(g.global_avgpool(g.conv(x, 5, 3, name="c2")), 7, name="fc"))
+    return g.dense(g.layernorm(g.dense(h, 4, name="fc2")), 3, name="out")
 
 
 def _conv_head(g, x):
@@ -68,6 +83,9 @@ BODIES = {
     "dwconv": (lambda g, x: g.relu(g.conv(x, 4, 3, groups=4, name="dw")), _conv_head),
     "grouped_conv": (lambda g, x: g.conv(x, 6, 3, groups=2, name="gc"), _conv_head),
     "mul": (_se, _conv_head),
+    "concat": (_concat, _conv_head),
+    "concat_mask": (_concat, _flat_head),
+    "layernorm": (lambda g, x: g.layernorm(x), _ln_head),
 }
 for _act in ("relu6", "hardswish", "hardsigmoid", "silu"):
     BODIES[_act] = (lambda g, x, a=_act: g.activation(x, a), _conv_head)
@@ -165,6 +183,10 @@ def test_compaction_is_exact_and_costs_are_the_compacted_counts(op):
 @pytest.mark.parametrize("op", sorted(BODIES))
 def test_interval_bounds_contain_sampled_outputs(op):
     net = network(op)
+    if not all(OPS[n.op].supports("bounds") for n in net.model.nodes[1:]):
+        with pytest.raises(FitnessError, match=r"does not support nodes \[.*layernorm"):
+            interval_bounds(net)
+        return
     masks = {k: v.astype(np.float32) for k, v in random_masks(net.space).items()}
     lo, hi = interval_bounds(net, masks)
     x = inputs(256, seed=2)
@@ -209,6 +231,20 @@ def test_channel_flow_couplings():
     assert {g.name for g in se.groups} == {"c1", "se1", "c2"}
     gc = network("grouped_conv").space
     assert gc.group_of("c1") is None and gc.group_of("gc") is None
+    cat = network("concat").space
+    assert [g.name for g in cat.groups] == ["c1", "ca", "cb", "c2"]
+    assert [cat.group_of(t) for t in cat.pieces_of("cat_bn")] == ["ca", "c1", "cb"]
+    assert cat.unit_ref("cat_bn") == [(1, 1), (1, 0), (1, 2)]
+
+
+def test_a_concatenation_mixed_with_another_space_is_not_pruned():
+    g = GraphBuilder(INPUT)
+    x = g.relu(g.conv(g.input, 4, 3, name="c1"))
+    cat = g.concat(g.conv(x, 3, 3, name="ca"), x, name="cat")
+    y = g.add(cat, g.conv(x, 7, 3, name="wide"))
+    out = g.dense(g.global_avgpool(g.relu(g.conv(y, 5, 3, name="c2"))), 3)
+    space = random_pretrained(g.build(out)).space
+    assert [grp.name for grp in space.groups] == ["c2"]
 
 
 def test_adaptive_pooling_matches_torch_for_uneven_windows():
@@ -270,3 +306,28 @@ def test_gelu_tanh_form_has_no_onnx_export():
         to_onnx(net, "/tmp/never.onnx")
     x = jnp.linspace(-3, 3, 8).reshape(2, 4)
     assert np.isfinite(np.asarray(jax.jit(net.model)(x))).all()
+
+
+@pytest.mark.parametrize("op", ["concat", "mul", "dwconv"])
+def test_population_fitness_matches_one_individual_at_a_time(op):
+    """The vmapped population pass (split into shared and per-individual nodes)
+    gives each individual the fitness it gets alone."""
+    net = network(op)
+    fit = gp.fitness.compose(net, "fidelity", num_probes=16, seed=0)
+    masks = [random_masks(net.space, seed) for seed in range(3)]
+    batch = {g: np.stack([m[g] for m in masks]).astype(np.float32) for g in masks[0]}
+    together = np.asarray(fit(batch))
+    alone = [float(fit({g: v[None] for g, v in m.items()})[0]) for m in masks]
+    assert len(set(np.round(together, 6))) == 3
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["concat", "gelu", "adaptive_avgpool", "dwconv"])
+def test_save_and_load_keep_the_op(op, tmp_path):
+    net = network(op)
+    small = gp.compact(net, random_masks(net.space))
+    gp.save(small, tmp_path / "m")
+    back = gp.load(tmp_path / "m")
+    assert back.model.nodes == small.model.nodes
+    x = inputs(4)
+    np.testing.assert_allclose(np.asarray(back.model(x)), np.asarray(small.model(x)))

@@ -44,7 +44,8 @@ class InvertedResidual(nn.Module):
 
 class SqueezeExcite(nn.Module):
     """MobileNetV3: hardswish conv, depthwise conv, SE gate (conv 1x1 on the
-    pooled map, hardsigmoid), grouped conv, adaptive pooling to 2x2, GELU/SiLU."""
+    pooled map, hardsigmoid), grouped conv, adaptive pooling to 2x2, GELU/SiLU,
+    LayerNorm of the features."""
 
     def __init__(self, c=8):
         super().__init__()
@@ -57,6 +58,8 @@ class SqueezeExcite(nn.Module):
         self.grouped = nn.Conv2d(c, c, 3, padding=1, groups=2)
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.fc = nn.Linear(4 * c, 6)
+        self.ln = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
 
     def forward(self, x):
         x = self.act(self.conv(x))
@@ -64,7 +67,53 @@ class SqueezeExcite(nn.Module):
         s = F.adaptive_avg_pool2d(x, 1)
         s = self.gate(self.fc2(F.relu(self.fc1(s))))
         x = nn.functional.gelu(self.grouped(x * s))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return self.out(self.ln(self.fc(torch.flatten(self.pool(x), 1))))
+
+
+class Inception(nn.Module):
+    """GoogLeNet-style: branches concatenated, then BatchNorm and a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.b1 = nn.Conv2d(6, 4, 1)
+        self.b2 = nn.Sequential(
+            nn.Conv2d(6, 3, 1), nn.ReLU(), nn.Conv2d(3, 5, 3, padding=1)
+        )
+        self.pool = nn.MaxPool2d(3, 1, padding=1)
+        self.bn = nn.BatchNorm2d(15)
+        self.conv = nn.Conv2d(15, 7, 3)
+        self.fc = nn.Linear(7, 4)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = torch.cat([self.b1(x), self.b2(x), self.pool(x)], 1)
+        x = self.conv(F.relu(self.bn(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def stochastic_depth(input, p, mode, training=True):
+    """Named like torchvision.ops.stochastic_depth (identity in eval mode)."""
+    return input if not training else input * (torch.rand(()) > p)
+
+
+torch.fx.wrap("stochastic_depth")
+
+
+class MeanHead(nn.Module):
+    """EfficientNet/MNASNet idioms: stochastic depth on a residual branch,
+    ``x.mean([2, 3])`` as the global pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.branch = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.silu(self.conv(x))
+        x = x + stochastic_depth(self.branch(x), 0.2, "row", self.training)
+        return self.fc(x.mean([2, 3]))
 
 
 class CeilPool(nn.Module):
@@ -96,6 +145,8 @@ CASES = {
     "inverted_residual": (InvertedResidual, (8, 8, 3)),
     "squeeze_excite": (SqueezeExcite, (8, 8, 3)),
     "ceil_pool": (CeilPool, (10, 10, 2)),
+    "inception": (Inception, (8, 8, 3)),
+    "mean_head": (MeanHead, (6, 6, 3)),
 }
 
 
@@ -147,6 +198,8 @@ def test_groups_follow_the_couplings():
     space = net.space
     assert space.group_of("fc2") is None and space.group_of("grouped") is None
     assert [g.name for g in space.groups] == ["fc1"]
+    _, net, _ = _converted("inception")
+    assert {g.name for g in net.space.groups} == {"stem", "b1", "b2_0", "b2_2", "conv"}
 
 
 def test_unsupported_layers_fail_naming_them():

@@ -169,3 +169,16 @@ def test_inversion_moment_prior_follows_the_card(lenet300):
     card = dict(lenet300.card, input=plain)
     raw = gp.zoo.Pretrained(lenet300.model, card)
     assert stats(raw) == pytest.approx(stats(raw, moment_weight=0.0))
+
+
+@pytest.mark.parametrize("kind", ["inversion", "bn_stats"])
+def test_optimised_probes_are_deterministic_by_seed(lenet300, bn_net, kind):
+    """Same seed, same probes; another seed, other probes (no dataset is read:
+    the module's fixture makes every reader raise)."""
+    net = lenet300 if kind == "inversion" else bn_net
+    make = lambda seed: np.asarray(  # noqa: E731
+        gp.make_probes(net, kind, 8, seed=seed, steps=5, cache=False)
+    )
+    a, b, c = make(3), make(3), make(4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from ..models.graph import Node, abstract_net, assemble
+from ..models.ops import op_of
 from ..zoo import ModelFileError, Pretrained
 
 DEFAULT_INPUT_BOX = (0.0, 1.0)
@@ -45,14 +46,6 @@ class ShapeMismatchError(ConversionError):
 
 class ModelFormatError(ConversionError, ModelFileError):
     """A file is unreadable, truncated, or holds no model of the expected kind."""
-
-
-# Flax variable names of each layer kind, in the order converters supply them.
-LAYER_VARS = {
-    "dense": ("kernel", "bias"),
-    "conv": ("kernel", "bias"),
-    "batchnorm": ("scale", "bias", "mean", "var"),
-}
 
 
 def sanitize(name: str) -> str:
@@ -108,7 +101,7 @@ def flatten_source(nodes: tuple[Node, ...], name: str) -> Node | None:
     by_name = {n.name: n for n in nodes}
     node = by_name[name]
     cur = by_name[node.inputs[0]]
-    while cur.op in ("mask", "relu", "sigmoid", "batchnorm") and cur.inputs:
+    while op_of(cur).flow == "channelwise" and cur.inputs:
         cur = by_name[cur.inputs[0]]
     if cur.op != "flatten":
         return None

@@ -62,9 +62,10 @@ def _fold_masks(nodes, params, masks):
             readers.setdefault(i, []).append(n)
     params = {k: dict(v) for k, v in params.items()}
     for n in nodes:
-        if n.op != "mask":
+        op = op_of(n)
+        if not op.uses_masks:
             continue
-        m = masks[n.attr("group")]
+        m = np.asarray(op.mask_vector(n, masks.__getitem__), np.float32)
         if np.all(m == 1.0):
             continue
         for r in readers.get(n.name, []):
@@ -79,8 +80,9 @@ def _fold_masks(nodes, params, masks):
                     params[q.name]["kernel"] = params[q.name]["kernel"] * tiled[:, None]
             else:
                 raise ConversionError(
-                    f"mask {n.attr('group')!r} is read by {r.op} {r.name!r} and cannot "
-                    "be folded into weights: compact the model first"
+                    f"mask {n.attr('group') or n.name!r} is read by {r.op} "
+                    f"{r.name!r} and cannot be folded into weights: compact the "
+                    "model first"
                 )
     return params
 

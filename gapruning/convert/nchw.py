@@ -230,6 +230,18 @@ class NCHWGraph:
         self.params[node] = {k: self._per_feature(x, v) for k, v in arrays.items()}
         return Val(node, x.kind, x.perm)
 
+    def layernorm(self, x: Val, scale, bias, *, epsilon, name: str) -> Val:
+        """LayerNorm over the features of a vector (or a pooled map)."""
+        x = self._need(x, ("flat", "pooled"), "layer norm", name)
+        n = self.fw_shape(x)[0]
+        arrays = {"scale": scale, "bias": bias}
+        for key, value in arrays.items():
+            arrays[key] = np.asarray(value, np.float32).reshape(-1)
+            self._check(f"{key} of {name!r}", arrays[key].shape, (n,))
+        node = self.g.layernorm(x.node, epsilon=float(epsilon), name=self.name(name))
+        self.params[node] = {k: self._per_feature(x, v) for k, v in arrays.items()}
+        return Val(node, x.kind, x.perm)
+
     def affine(self, x: Val, scale=None, shift=None, *, name: str) -> Val:
         """``x * scale + shift`` with per-channel (or scalar) constants."""
         x = self._need(x, ("map", "flat", "pooled"), "affine", name)
@@ -376,6 +388,21 @@ class NCHWGraph:
                 f"{self.fw_shape(b)}"
             )
         return Val(self.g.add(a.node, b.node, name=self.name(name)), a.kind, a.perm)
+
+    def concat(self, xs: list[Val], axis: int, *, name: str) -> Val:
+        """Concatenation along the channel axis (1) of maps, pooled maps or
+        vectors in our order."""
+        xs = [self._real(x) for x in xs]
+        kinds = {x.kind for x in xs}
+        rank = 2 if kinds == {"flat"} else 4
+        if len(kinds) != 1 or axis % rank != 1 or any(x.perm for x in xs):
+            shapes = [self.fw_shape(x) for x in xs]
+            raise ConversionError(
+                f"{self.where}: concat {name!r} of {shapes} along axis {axis}; only "
+                "the channel axis (1) of equally laid out tensors is supported"
+            )
+        node = self.g.concat(*(x.node for x in xs), name=self.name(name))
+        return Val(node, xs[0].kind)
 
     def subsample(self, x: Val, stride: int, *, name: str) -> Val:
         """``x[:, :, ::stride, ::stride]`` (a strided spatial slice)."""

@@ -1,15 +1,18 @@
 """ONNX graphs into Flax: a generic importer for convolutional and dense networks.
 
 Supported ops (one input, one output; weights as initializers or Constant nodes):
-Gemm (``transA=0``), MatMul by a constant matrix, Conv (2-D, ``group=1``, no
-dilation; explicit pads or ``auto_pad`` VALID/SAME_UPPER), BatchNormalization
-(inference), Relu, Sigmoid, Softmax (over the channel/feature axis), MaxPool and
-AveragePool (2-D, ``ceil_mode=0``), GlobalAveragePool, ReduceMean over H and W
-(global average pooling as torch's dynamo exporter writes it, ``keepdims`` 0 or
-1), Flatten (``axis=1``), Reshape to 2-D, Add (of two tensors, or of a constant:
-folded into the producing Gemm/MatMul/Conv bias when possible), Mul/Sub/Div by a
-per-channel constant, Identity (of a tensor or of a constant, which torch's
-exporter writes for shared initializers) and Dropout; plus the shortcut ops
+Gemm (``transA=0``), MatMul by a constant matrix, Conv (2-D, grouped or
+depthwise, no dilation; explicit pads or ``auto_pad`` VALID/SAME_UPPER),
+BatchNormalization (inference), Relu, Sigmoid, HardSwish, HardSigmoid, Clip to
+[0, 6] (ReLU6), Gelu, Softmax (over the channel/feature axis), MaxPool (2-D, also
+``ceil_mode=1``) and AveragePool (2-D, ``ceil_mode=0``), GlobalAveragePool,
+ReduceMean over H and W (global average pooling as torch's dynamo exporter writes
+it, ``keepdims`` 0 or 1), Flatten (``axis=1``), Reshape to 2-D, Concat along the
+channel axis, Add (of two tensors, or of a constant: folded into the producing
+Gemm/MatMul/Conv bias when possible), Mul of two tensors (SiLU, squeeze-and-
+excitation gates), Mul/Sub/Div by a per-channel constant, Identity (of a tensor
+or of a constant, which torch's exporter writes for shared initializers) and
+Dropout (the newer ops in :mod:`gapruning.convert.onnx_ops`); plus the shortcut ops
 gapruning's own exporter writes: Slice (strided spatial subsampling), Pad (zero
 channels), Gather (channel selection) and Transpose to NHWC right before a Flatten.
 
@@ -38,6 +41,7 @@ from .common import (
     imported,
 )
 from .nchw import NCHWGraph, Val
+from .onnx_ops import OnnxChannelOps
 
 
 def from_onnx(
@@ -115,7 +119,7 @@ def _attrs(node) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-class _Importer:
+class _Importer(OnnxChannelOps):
     def __init__(self, graph, consts, opset, where, numpy_helper):
         self.graph, self.consts, self.opset = graph, consts, opset
         self.where, self.nh = where, numpy_helper
@@ -298,8 +302,6 @@ class _Importer:
 
     def _Conv(self, a):
         w = self.const(1)
-        if a.get("group", 1) != 1:
-            self.fail(f"Conv with group={a.get('group')}")
         if any(d != 1 for d in a.get("dilations", [1, 1])):
             self.fail(f"Conv with dilations {a.get('dilations')}")
         if w.ndim != 4:
@@ -313,6 +315,7 @@ class _Importer:
                 strides=tuple(a.get("strides", [1, 1])),
                 pads=self.pads(a, kernel, "Conv"),
                 name=self.label,
+                groups=self.conv_groups(a, w),
             )
         )
 
@@ -350,11 +353,13 @@ class _Importer:
         kernel = tuple(a["kernel_shape"])
         if len(kernel) != 2:
             self.fail(f"{op} over {len(kernel)} dimensions")
-        if a.get("ceil_mode", 0):
+        if a.get("ceil_mode", 0) and op != "MaxPool":
             self.fail(f"{op} with ceil_mode=1")
         if any(d != 1 for d in a.get("dilations", [1, 1])):
             self.fail(f"{op} with dilations")
-        return kernel, tuple(a.get("strides", [1, 1])), self.pads(a, kernel, op)
+        strides = tuple(a.get("strides", [1, 1]))
+        pads = self.ceil_pads(a, kernel, strides, self.pads(a, kernel, op), op)
+        return kernel, strides, pads
 
     def _MaxPool(self, a):
         k, s, p = self._pool_args(a, "MaxPool")
@@ -433,9 +438,13 @@ class _Importer:
 
     def _binary(self, op):
         if not self.is_const(0) and not self.is_const(1):
-            if op != "Add":
+            if op not in ("Add", "Mul"):
                 self.fail(f"{op} of two tensors")
-            self.out(self.g.add(self.x(0), self.x(1), name=self.label))
+            both = self.x(0), self.x(1)
+            if op == "Mul":  # x * sigmoid(x), squeeze-and-excitation gates
+                self.out(self.g.mul(*both, name=self.label))
+            else:
+                self.out(self.g.add(*both, name=self.label))
             return
         if self.is_const(0) and self.is_const(1):
             self.fail(f"{op} of two constants")
@@ -545,11 +554,16 @@ class _Importer:
         self.shape_vals[self.node.output[0]] = np.expand_dims(v, tuple(axes))
 
     def _Concat(self, a):
+        inputs = range(len(self.node.input))
+        if any(self.is_const(i) for i in inputs) and not any(
+            i in self.shape_vals for i in self.node.input
+        ):
+            self.fail("Concat with a constant input")
         if not any(i in self.shape_vals for i in self.node.input):
-            self.fail("Concat of tensors (only of shape values)")
-        parts = [
-            self._shape_operand(i).reshape(-1) for i in range(len(self.node.input))
-        ]
+            xs = [self.x(i) for i in inputs]
+            self.out(self.g.concat(xs, int(a.get("axis", 1)), name=self.label))
+            return
+        parts = [self._shape_operand(i).reshape(-1) for i in inputs]
         self.shape_vals[self.node.output[0]] = np.concatenate(parts)
 
     def _Cast(self, a):

@@ -14,11 +14,15 @@ Two routes:
   else PyTorch's defaults ``1e-5``/``0.1``), biases are kept when present and
   dropped when absent.
 * **without** ``arch``, an ``nn.Module`` is traced with ``torch.fx`` and every call
-  is translated (see :mod:`gapruning.convert.nchw`): Linear, Conv2d (groups=1,
-  dilation 1, zero padding), BatchNorm1d/2d with running statistics, ReLU,
-  Sigmoid, Softmax, MaxPool2d/AvgPool2d (no ceil mode), AdaptiveAvgPool2d(1),
-  Flatten/``torch.flatten``/``view``/``reshape`` to 2-D, Dropout, Identity and
-  residual ``+``; projection shortcuts are ordinary Conv2d+BatchNorm branches.
+  is translated (see :mod:`gapruning.convert.nchw`): Linear, Conv2d (any groups:
+  depthwise or grouped; dilation 1, zero padding; a 1x1 Conv2d of a pooled map is
+  a Linear), BatchNorm1d/2d with running statistics, ReLU, ReLU6, Hardswish,
+  Hardsigmoid, SiLU, GELU, Sigmoid, Softmax, MaxPool2d (ceil mode too),
+  AvgPool2d (no ceil mode), AdaptiveAvgPool2d (any output size),
+  Flatten/``torch.flatten``/``view``/``reshape`` to 2-D, Dropout, Identity,
+  residual ``+``, the product of two tensors (squeeze-excite gates) and
+  ``torch.cat`` along channels; projection shortcuts are ordinary
+  Conv2d+BatchNorm branches.
   A bare state dict has no architecture and needs ``arch``.
 
 Both routes move PyTorch's layouts to ours: ``OIHW -> HWIO`` conv kernels,
@@ -94,6 +98,8 @@ def from_torch(
         input_shape = check_input_shape(input_shape)
     state, module, file, kind = _read_source(source)
     where = str(file) if file is not None else f"torch {kind}"
+    if module is not None:  # errors name the class: "torch module ResNet: ..."
+        where = f"torch module {type(module).__name__}"
     if arch is not None:
         if input_shape is not None:
             arch_kwargs["input_shape"] = input_shape

@@ -43,6 +43,8 @@ def module_call(g: NCHWGraph, mod, target, args, unsupported):
         return g.activation(x, act[0], name=name, **act[1])
     if isinstance(mod, nn.Softmax):
         return g.softmax(x, -1 if mod.dim is None else mod.dim, name=name)
+    if isinstance(mod, nn.LayerNorm):
+        return _layernorm_module(g, mod, target, x, unsupported)
     if isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity)):
         return x
     if isinstance(mod, nn.Flatten):
@@ -102,6 +104,23 @@ def _conv_module(g: NCHWGraph, mod, target, x, unsupported):
         strides=tuple(mod.stride),
         pads=(t, left, b, r),
         groups=mod.groups,
+        name=sanitize(target),
+    )
+
+
+def _layernorm_module(g: NCHWGraph, mod, target, x, unsupported):
+    if len(mod.normalized_shape) != 1 or x.kind == "map":
+        unsupported(
+            f"layer {target!r} (LayerNorm{tuple(mod.normalized_shape)} of a tensor "
+            f"of shape {g.fw_shape(x)}; only over the features of a vector)"
+        )
+    c = mod.normalized_shape[0]
+    affine = mod.weight is not None
+    return g.layernorm(
+        x,
+        _np(mod.weight) if affine else np.ones(c, np.float32),
+        _np(mod.bias) if mod.bias is not None else np.zeros(c, np.float32),
+        epsilon=mod.eps,
         name=sanitize(target),
     )
 
@@ -168,6 +187,11 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
         return g.flatten(x, name=name)
     if fn in (F.dropout, F.dropout2d):
         return x
+    if getattr(fn, "__name__", "") == "stochastic_depth":  # torchvision.ops
+        training = args[3] if len(args) > 3 else kw.get("training", True)
+        if training:
+            unsupported(f"call {n.name!r} (stochastic_depth in training mode)")
+        return x
     if fn in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d):
         is_max = fn is not F.avg_pool2d
         return _pool_function(g, n, args, kw, unsupported, is_max=is_max)
@@ -176,6 +200,11 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
         if None in pair_or_none(size):
             unsupported(f"call {n.name!r} (adaptive_avg_pool2d to {size})")
         return g.adaptive_avgpool(x, pair(size), name=name)
+    if fn is torch.cat:
+        dim = args[1] if len(args) > 1 else kw.get("dim", 0)
+        if not all(isinstance(v, Val) for v in x):
+            unsupported(f"call {n.name!r} (torch.cat of non-tensors)")
+        return g.concat(list(x), dim, name=name)
     if fn is operator.getitem and isinstance(x, Val):
         stride = _spatial_stride(args[1])
         if stride is None:
@@ -309,6 +338,13 @@ def method_call(g: NCHWGraph, n, args, kw, unsupported):
         return g.relu(x, name=name)
     if m in ("sigmoid", "sigmoid_"):
         return g.sigmoid(x, name=name)
+    if m == "mean":
+        dims = args[1] if len(args) > 1 else kw.get("dim")
+        dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
+        keep = args[2] if len(args) > 2 else kw.get("keepdim", False)
+        if sorted(d % 4 for d in dims) != [2, 3] or keep or x.kind != "map":
+            unsupported(f"method call {n.name!r} (.mean over {dims}; only H, W)")
+        return Val(g.global_avgpool(x, name=name).node, "flat")  # (N, C)
     if m == "softmax":
         dim = args[1] if len(args) > 1 else kw.get("dim")
         return g.softmax(x, dim, name=name)

@@ -36,6 +36,8 @@ def trace(module, input_shape, where):
     def arg(a):
         if isinstance(a, torch.fx.Node):
             return vals[a]
+        if isinstance(a, (list, tuple)):  # torch.cat([a, b]), shapes...
+            return type(a)(arg(v) for v in a)
         return a
 
     def unsupported(what):

@@ -88,10 +88,11 @@ def linear_bound(n: Node, p: dict, x, *, absolute: bool, bias: bool):
 
 
 def _params_of(n: Node, params: dict, masks: Mapping | None):
-    """What the op's bounds read: a mask node's mask (None: every unit kept),
-    another node's layer variables."""
-    if n.op == "mask":
-        return None if masks is None else masks[n.attr("group")]
+    """What the op's bounds read: a mask node's mask vector (None: every unit
+    kept), another node's layer variables."""
+    op = op_of(n)
+    if op.uses_masks:
+        return None if masks is None else op.mask_vector(n, masks.__getitem__)
     return params.get(n.name)
 
 

@@ -162,6 +162,17 @@ class GraphBuilder:
             momentum=float(momentum),
         )
 
+    def layernorm(self, x, *, epsilon=1e-5, name=None) -> str:
+        """LayerNorm over the channel axis; the channels it reads are not
+        prunable."""
+        return self._add(
+            "layernorm",
+            self._name("ln", name),
+            (x,),
+            self.shape(x),
+            epsilon=float(epsilon),
+        )
+
     def relu(self, x, name=None) -> str:
         return self._add("relu", self._name("relu", name), (x,), self.shape(x))
 
@@ -265,6 +276,14 @@ class GraphBuilder:
             "add", self._name("add", name), xs, self.shape(xs[0]), group=group
         )
 
+    def concat(self, *xs: str, name=None) -> str:
+        """Concatenation along the channel (last) axis."""
+        shapes = [self.shape(x) for x in xs]
+        if len({s[:-1] for s in shapes}) != 1:
+            raise ValueError(f"concat of tensors with different shapes: {shapes}")
+        shape = (*shapes[0][:-1], sum(s[-1] for s in shapes))
+        return self._add("concat", self._name("concat", name), xs, shape)
+
     def channel_map(self, x, features: int, *, stride: int = 1, index=None, name=None):
         """Parameter-free shortcut: spatial subsampling by ``stride``, then output
         channel ``j`` copies input channel ``index[j]`` (``-1``: zeros). The default
@@ -303,6 +322,18 @@ class ChannelSpaces:
     space_of: dict[str, int]  # node name -> space id
     prunable: dict[int, str]  # space id -> group name, for prunable spaces only
     kinds: dict[int, str]  # space id -> "dense" | "conv"
+    # space id -> the tensors a concatenation puts one after the other, for the
+    # spaces made of pieces of others (a concat and channel-wise ops after it)
+    pieces: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def mask_pieces(self, tensor: str, nodes_by_name) -> tuple[tuple[str, int], ...]:
+        """``(group or "", width)`` of each piece of ``tensor``'s channels."""
+        sid = self.space_of[tensor]
+        if sid in self.pieces:
+            return tuple(
+                p for t in self.pieces[sid] for p in self.mask_pieces(t, nodes_by_name)
+            )
+        return ((self.prunable.get(sid, ""), nodes_by_name[tensor].shape[-1]),)
 
 
 def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
@@ -342,7 +373,8 @@ def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
     for n in nodes:
         members.setdefault(space_of[n.name], []).append(n)
     output_space = space_of[nodes[-1].name]
-    fixed_spaces = {space_of[t] for t in fixed_inputs}
+    pieces, fixed_spaces = _concat_pieces(nodes, space_of, members)
+    fixed_spaces |= {space_of[t] for t in fixed_inputs}
     allowed = ("producer", "channelwise", "join", "remap")
     prunable, kinds = {}, {}
     for sid, ms in members.items():
@@ -353,7 +385,30 @@ def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
         adds = [m.attr("group") for m in ms if m.op == "add" and m.attr("group")]
         prunable[sid] = adds[0] if adds else producers[0].name
         kinds[sid] = producers[0].op
-    return ChannelSpaces(space_of, prunable, kinds)
+    return ChannelSpaces(space_of, prunable, kinds, pieces)
+
+
+def _concat_pieces(nodes, space_of, members):
+    """``(pieces, fixed)``: the composite spaces (a concat followed by channel-wise
+    ops only) and their input tensors; the spaces that must not be pruned because
+    a concatenation of them is mixed with something else (added, gated...)."""
+    pieces, stack = {}, []
+    for c in nodes:
+        if op_of(c).flow != "concat":
+            continue
+        sid = space_of[c.name]
+        others = [m for m in members[sid] if m.name != c.name]
+        if all(op_of(m).flow == "channelwise" for m in others):
+            pieces[sid] = c.inputs
+        else:
+            stack += [space_of[t] for t in c.inputs]
+    fixed = set()
+    while stack:  # a fixed space made of pieces fixes its pieces
+        sid = stack.pop()
+        if sid not in fixed:
+            fixed.add(sid)
+            stack += [space_of[t] for t in pieces.pop(sid, ())]
+    return pieces, fixed
 
 
 def _shape(nodes, name):
@@ -364,29 +419,33 @@ def insert_masks(nodes: tuple[Node, ...]) -> tuple[Node, ...]:
     """Adds one ``mask`` node after every prunable tensor that an op reading
     through masks (:attr:`~gapruning.models.ops.Op.reads_masked`: dense, conv,
     flatten, channel_map) reads, and rewires those readers to it."""
-    if any(n.op == "mask" for n in nodes):
+    if any(op_of(n).uses_masks for n in nodes):
         return nodes
     spaces = channel_spaces(nodes)
+    by_name = {n.name: n for n in nodes}
     mixing = {n.name for n in nodes if op_of(n).reads_masked}
-    needs_mask = {
-        i
-        for n in nodes
-        if n.name in mixing
-        for i in n.inputs
-        if spaces.space_of[i] in spaces.prunable
-    }
+    masks = {}  # tensor -> its mask node
+    for n in nodes:
+        for i in n.inputs if n.name in mixing else ():
+            pieces = spaces.mask_pieces(i, by_name)
+            if i in masks or not any(g for g, _ in pieces):
+                continue
+            if len(pieces) == 1:
+                attrs = (("group", pieces[0][0]),)
+                masks[i] = Node("mask", f"{i}.mask", (i,), by_name[i].shape, attrs)
+            else:
+                attrs = (("pieces", pieces),)
+                shape = by_name[i].shape
+                masks[i] = Node("concat_mask", f"{i}.mask", (i,), shape, attrs)
     out: list[Node] = []
     for n in nodes:
         if n.name in mixing:
             n = dataclasses.replace(
-                n, inputs=tuple(f"{i}.mask" if i in needs_mask else i for i in n.inputs)
+                n, inputs=tuple(masks[i].name if i in masks else i for i in n.inputs)
             )
         out.append(n)
-        if n.name in needs_mask:
-            group = spaces.prunable[spaces.space_of[n.name]]
-            out.append(
-                Node("mask", f"{n.name}.mask", (n.name,), n.shape, (("group", group),))
-            )
+        if n.name in masks:
+            out.append(masks[n.name])
     return tuple(out)
 
 

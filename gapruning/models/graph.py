@@ -98,8 +98,8 @@ class Net(nnx.Module):
         self.layers = nnx.Dict(layers)
         sizes = {}
         for n in nodes:
-            if n.op == "mask":
-                sizes.setdefault(n.attr("group"), n.shape[-1])
+            for g, units in op_of(n).mask_groups(n).items():
+                sizes.setdefault(g, units)
         self.masks = nnx.Dict(
             {g: Mask(jnp.ones((c,), jnp.float32)) for g, c in sizes.items()}
         )
@@ -210,8 +210,8 @@ class Net(nnx.Module):
                 y = self._linear(n, vals, by_name, parts[n.name])
             elif n.op == "input":
                 y = x
-            elif n.op == "mask":
-                mask = self.masks[n.attr("group")][...]
+            elif op_of(n).uses_masks:
+                mask = op_of(n).mask_vector(n, lambda g: self.masks[g][...])
                 y = op_of(n).apply(n, mask, [vals[n.inputs[0]]])
             elif op_of(n).flow == "producer":
                 y = self._linear(n, vals, by_name)

@@ -19,7 +19,9 @@ from .activations import (
 )
 from .base import FLOWS, LinearOp, Op, ShapeOp, UnsupportedOpError
 from .batchnorm import BatchNorm
+from .concat import Concat, ConcatMask
 from .grouped import DepthwiseConv, GroupedConv
+from .layernorm import LayerNorm
 from .linear import Conv, Dense
 from .multiply import Mul
 from .pooling import AdaptiveAvgPool, AvgPool, GlobalAvgPool, MaxPool, apply_pool
@@ -85,3 +87,6 @@ register_op(ChannelMap())
 register_op(DepthwiseConv())
 register_op(GroupedConv())
 register_op(Mul())
+register_op(Concat())
+register_op(ConcatMask())
+register_op(LayerNorm())

@@ -35,14 +35,17 @@ FLOWS = {
     "couple": "the input's channels, mixed (softmax): the space is not prunable",
     "reshape": "a new axis made of the input's (flatten)",
     "remap": "a parameter-free re-indexing of the input's channels (channel_map)",
+    "concat": "the inputs' channels one after the other (concatenation): a space "
+    "made of pieces of other spaces",
     "opaque": "new channels tied to the input's in a way pruning cannot follow "
     "(grouped convolution): both spaces are not prunable",
 }
 
 # (coef, a, b): coef * kept[a] * kept[b], index -1 standing for the constant 1.
 Term = tuple[int, int, int]
-# ref(tensor) -> (mult, g): the tensor's last axis has mult * kept[g] entries.
-UnitRef = Callable[[str], tuple[int, int]]
+# ref(tensor) -> pieces ((mult, g), ...): the tensor's last axis has
+# sum(mult * kept[g]) entries (one piece, except after a concatenation).
+UnitRef = Callable[[str], list[tuple[int, int]]]
 
 
 class UnsupportedOpError(ValueError):
@@ -58,6 +61,7 @@ class Op:
     reads_masked: bool = False
     variables: tuple[str, ...] = ()  # Flax variable names of its layer
     needs_dense_bounds = False  # delta reads its inputs' dense interval bounds
+    uses_masks = False  # reads the group masks (see mask_vector)
 
     def missing(self, node, what: str):
         """Raises :class:`UnsupportedOpError`: ``node`` has no ``what``."""
@@ -78,6 +82,15 @@ class Op:
     def apply(self, node, layer, xs: list) -> Any:
         """The node's output from its inputs' values ``xs`` (batch axis first)."""
         self.missing(node, "computation")
+
+    def mask_vector(self, node, lookup: Callable[[str], Any]):
+        """For ops that read the group masks: the vector multiplying the input,
+        ``lookup(group)`` giving one group's mask."""
+        self.missing(node, "mask vector")
+
+    def mask_groups(self, node) -> dict[str, int]:
+        """For ops that read the group masks: ``{group: units}`` they read."""
+        return {}
 
     # ------------------------------------------------------------- cost
 
@@ -170,6 +183,16 @@ class ShapeOp(LinearOp):
 
     def linear(self, node, p, x, *, absolute, bias):
         return self.shape_apply(node, x)
+
+
+def pair_terms(coef: int, ins, outs) -> list[Term]:
+    """``coef * units(in) * units(out)`` as terms, over the pieces of both."""
+    return [(coef * mi * mo, gi, go) for mi, gi in ins for mo, go in outs]
+
+
+def unit_terms(coef: int, outs) -> list[Term]:
+    """``coef * units(out)`` as terms, over its pieces."""
+    return [(coef * mo, go, -1) for mo, go in outs]
 
 
 def layer_vars(layer) -> dict:

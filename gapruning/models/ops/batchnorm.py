@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .base import LinearOp
+from .base import LinearOp, unit_terms
 
 
 class BatchNorm(LinearOp):
@@ -37,8 +37,7 @@ class BatchNorm(LinearOp):
         return (x - p["mean"]) * s + p["bias"] if bias else x * s
 
     def cost(self, node, ref):
-        mo, go = ref(node.name)
-        return [(2 * mo, go, -1)], []
+        return unit_terms(2, ref(node.name)), []
 
     def onnx(self, w, node, ins):
         p = w.params[node.name]

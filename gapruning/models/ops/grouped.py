@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..masked_layers import conv_op
-from .base import LinearOp
+from .base import LinearOp, unit_terms
 from .linear import torch_pads
 
 
@@ -103,15 +103,20 @@ class DepthwiseConv(GroupedConvBase):
         return in_channels
 
     def cost(self, node, ref):
-        mo, go = ref(node.name)
-        k = math.prod(node.attr("kernel_size"))
-        params = [(k * mo, go, -1)]
+        outs, k = ref(node.name), math.prod(node.attr("kernel_size"))
+        params = unit_terms(k, outs)
         if node.attr("use_bias"):
-            params.append((mo, go, -1))
-        return params, [(math.prod(node.shape[:-1]) * k * mo, go, -1)]
+            params += unit_terms(1, outs)
+        return params, unit_terms(math.prod(node.shape[:-1]) * k, outs)
 
     def compact_params(self, node, p, rows, cols):
         return {k: v[..., cols] for k, v in p.items()}
+
+
+def node_width(pieces) -> int:
+    """The width of a tensor whose pieces are all of fixed width."""
+    assert all(g == -1 for _, g in pieces), "a grouped conv's channels are fixed"
+    return sum(m for m, _ in pieces)
 
 
 class GroupedConv(GroupedConvBase):
@@ -127,7 +132,7 @@ class GroupedConv(GroupedConvBase):
         return node.attr("features")
 
     def cost(self, node, ref):
-        ci, co = ref(node.inputs[0])[0], ref(node.name)[0]
+        ci, co = node_width(ref(node.inputs[0])), node_width(ref(node.name))
         k = math.prod(node.attr("kernel_size")) * ci // node.attr("groups") * co
         params = [(k, -1, -1)] + ([(co, -1, -1)] if node.attr("use_bias") else [])
         return params, [(math.prod(node.shape[:-1]) * k, -1, -1)]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..masked_layers import conv_op, dense_op
-from .base import LinearOp
+from .base import LinearOp, pair_terms, unit_terms
 
 
 def _with_bias(y, p, bias: bool):
@@ -37,13 +37,11 @@ class Producer(LinearOp):
         return 1
 
     def cost(self, node, ref):
-        mi, gi = ref(node.inputs[0])
-        mo, go = ref(node.name)
-        k = self.window(node)
-        params = [(k * mi * mo, gi, go)]
+        ins, outs, k = ref(node.inputs[0]), ref(node.name), self.window(node)
+        params = pair_terms(k, ins, outs)
         if node.attr("use_bias"):
-            params.append((mo, go, -1))
-        return params, [(self.area(node) * k * mi * mo, gi, go)]
+            params += unit_terms(1, outs)
+        return params, pair_terms(self.area(node) * k, ins, outs)
 
     def compact_params(self, node, p, rows, cols):
         q = {"kernel": p["kernel"][..., rows, :][..., cols]}

@@ -27,6 +27,13 @@ class Mask(Op):
     name = "mask"
     flow = "channelwise"
     needs_dense_bounds = True
+    uses_masks = True
+
+    def mask_vector(self, node, lookup):
+        return lookup(node.attr("group"))
+
+    def mask_groups(self, node):
+        return {node.attr("group"): node.shape[-1]}
 
     def apply(self, node, layer, xs):
         return xs[0] * layer.astype(xs[0].dtype)
@@ -47,7 +54,7 @@ class Mask(Op):
         return m * c + (m - 1) * ac, jnp.abs(m) * r + jnp.abs(m - 1) * ar
 
     def onnx(self, w, node, ins):
-        m = w.masks[node.attr("group")]
+        m = np.asarray(self.mask_vector(node, w.masks.__getitem__), np.float32)
         if np.all(m == 1.0):
             return ins[0]
         shape = (-1, 1, 1) if len(node.shape) == 3 else (-1,)
@@ -55,7 +62,7 @@ class Mask(Op):
         return w.emit("Mul", [ins[0], value], node.name)
 
     def torch(self, graph, node, ins, in_shape):
-        m = graph.mask(node.attr("group"))
+        m = self.mask_vector(node, graph.mask)
         return ins[0] * (m.view(1, -1, 1, 1) if ins[0].dim() == 4 else m)
 
 

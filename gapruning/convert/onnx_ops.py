@@ -1,0 +1,83 @@
+"""ONNX ops of the op table's newer entries, as a mixin of the ONNX importer.
+
+Grouped and depthwise Conv (``group``), MaxPool with ``ceil_mode=1``, the
+activations HardSwish, HardSigmoid (``alpha=1/6, beta=0.5``), Clip to ``[0, 6]``
+(ReLU6) and Gelu, Mul of two tensors (SiLU's ``x * sigmoid(x)``, a squeeze-and-
+excitation gate) and Concat of tensors along the channel axis (the last three in
+:mod:`gapruning.convert.onnx` itself, beside their older cases). Each method reads
+the current node through the importer's helpers (``x``, ``const``, ``out``,
+``fail``) and emits through its :class:`~gapruning.convert.nchw.NCHWGraph`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def ceil_extra(size: int, k: int, s: int, before: int, after: int) -> int:
+    """Padding to add after the input so that a floor-mode pooling gives
+    ``ceil_mode=1``'s output size (a last window that would start in the end
+    padding is dropped, as PyTorch and onnxruntime do)."""
+    span = size + before + after
+    out = -(-(span - k) // s) + 1
+    if (out - 1) * s >= size + before:
+        out -= 1
+    return max((out - 1) * s + k - span, 0)
+
+
+class OnnxChannelOps:
+    """``_<OpType>`` handlers mixed into the ONNX importer."""
+
+    def conv_groups(self, a, w) -> int:
+        """The ``group`` of a Conv, checked against its kernel."""
+        groups = int(a.get("group", 1))
+        c = self.g.fw_shape(self.x())[0]
+        if groups < 1 or c % groups or w.shape[1] * groups != c:
+            self.fail(f"Conv with group={groups} for {c} input channels")
+        return groups
+
+    def ceil_pads(self, a, kernel, strides, pads, op):
+        """``pads`` grown at the bottom/right for ``ceil_mode=1``."""
+        if not a.get("ceil_mode", 0):
+            return pads
+        if isinstance(pads, str):
+            self.fail(f"{op} with ceil_mode=1 and auto_pad")
+        h, w = self.g.fw_shape(self.x())[1:]
+        t, left, b, r = pads
+        eh = ceil_extra(h, kernel[0], strides[0], t, b)
+        ew = ceil_extra(w, kernel[1], strides[1], left, r)
+        return (t, left, b + eh, r + ew)
+
+    def _HardSwish(self, a):
+        self.out(self.g.activation(self.x(), "hardswish", name=self.label))
+
+    def _HardSigmoid(self, a):
+        alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+        if not (np.isclose(alpha, 1 / 6) and np.isclose(beta, 0.5)):
+            self.fail(
+                f"HardSigmoid with alpha={alpha:g}, beta={beta:g} (only 1/6, 0.5)"
+            )
+        self.out(self.g.activation(self.x(), "hardsigmoid", name=self.label))
+
+    def _Clip(self, a):
+        if len(self.node.input) > 1:  # opset >= 11: min and max are inputs
+            lo, hi = (self.const(i, required=False) for i in (1, 2))
+        else:
+            lo, hi = a.get("min"), a.get("max")
+        lo = None if lo is None else float(np.asarray(lo).reshape(()))
+        hi = None if hi is None else float(np.asarray(hi).reshape(()))
+        if (lo, hi) == (0.0, 6.0):
+            self.out(self.g.activation(self.x(), "relu6", name=self.label))
+        elif lo == 0.0 and hi is None:
+            self.out(self.g.relu(self.x(), name=self.label))
+        else:
+            self.fail(f"Clip to [{lo}, {hi}] (only [0, 6]: ReLU6, and [0, inf): ReLU)")
+
+    def _Gelu(self, a):
+        form = a.get("approximate", b"none")
+        form = form.decode() if isinstance(form, bytes) else form
+        self.out(
+            self.g.activation(
+                self.x(), "gelu", name=self.label, approximate=form == "tanh"
+            )
+        )
