@@ -2,8 +2,9 @@
 
 What a data-free fitness costs where it matters: the network a search returns. For
 each case (model x budget, as in ``benchmarks/fitness_ranking.py``) and seed, four
-ways to choose the masks, each followed by the same recovery (``gp.prune``'s
-default recovery, recorded per run, then compaction):
+ways to choose the masks, each followed by the same recovery (``--recover``:
+``none`` by default, as the committed results; ``lstsq`` repairs every row's masks
+by least squares; recorded per run), then compaction:
 
 * ``ga default``: ``gp.prune(strategy="ga")`` with the default data-free fitness
   (``compose(net, "default")``, what ``gp.prune`` uses);
@@ -84,14 +85,15 @@ def test_accuracy(pruned, x_test, y_test, batch: int = 1000) -> float:
 
 
 def run_one(net, budget, method: str, args, seed: int, oracle) -> dict:
-    """One search (or the L1 criterion) with the default recovery; its test
-    accuracy, masked accuracy before recovery, fitness and time."""
+    """One search (or the L1 criterion) with ``--recover``; its test accuracy,
+    masked accuracy before recovery, fitness and time."""
     options = dict(
         target=budget.target,
         budget=budget.kind,
         seed=seed,
         progress=False,
         num_probes=args.num_probes,
+        recover=() if args.recover == "none" else (args.recover,),
     )
     if method != "l1":
         options.update(generations=args.generations, population=args.population)
@@ -259,6 +261,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-probes", type=int, default=512)
     ap.add_argument("--test", type=int, default=10000, help="first N test images")
     ap.add_argument("--oracle", type=int, default=512, help="first N train images")
+    ap.add_argument(
+        "--recover", choices=("none", "lstsq"), default="none", help="every row's"
+    )
     ap.add_argument("--out", default=None, help="output stem (no suffix)")
     ap.add_argument("--merge", action="store_true")
     args = ap.parse_args(argv)
