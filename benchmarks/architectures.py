@@ -323,6 +323,7 @@ class Worker:
             num_probes=8,
             seed=0,
             progress=False,
+            recover=(),  # the masks are what this stage checks
         )
         self.masks = result.masks
         space = self.net.space

@@ -822,6 +822,7 @@ def quality(models, targets, generations, quick, log, workdir, only=None) -> lis
                 try:
                     res = gp.prune(
                         gp.load(model),
+                        recover=(),
                         target=target,
                         budget="units",
                         generations=generations,

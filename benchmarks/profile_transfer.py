@@ -123,7 +123,7 @@ def main() -> None:
     def run(model, level, row, strategy, record_profile=True, **options):
         """Prunes ``model`` (timed), scores it, records the row (and the profile)."""
         t0 = time.perf_counter()
-        found = gp.prune(model, strategy, level, progress=False, **options)
+        found = gp.prune(model, strategy, level, progress=False, recover=(), **options)
         entry = {
             "model": model.name,
             "target": level,

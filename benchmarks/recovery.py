@@ -217,7 +217,9 @@ def main() -> None:
 
     for level in levels:
         t0 = time.perf_counter()
-        l1 = gp.prune(net, strategy="l1", target=level, per_group=True, progress=False)
+        l1 = gp.prune(
+            net, strategy="l1", target=level, per_group=True, progress=False, recover=()
+        )
         masks = l1.masks
         add("L1", level, l1.pruned, t0)
         bases = {}
@@ -289,9 +291,12 @@ def resnet20(args) -> None:
         optax.cosine_decay_schedule(args.resnet_lr, steps)
     )
     searches = {
-        "L1": lambda: gp.prune(net, "l1", 0.5, budget="flops", progress=False),
+        "L1": lambda: gp.prune(
+            net, "l1", 0.5, budget="flops", progress=False, recover=()
+        ),
         "GA": lambda: gp.prune(
             net,
+            recover=(),
             target=0.5,
             budget="flops",
             generations=2 if args.quick else args.generations,

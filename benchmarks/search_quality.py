@@ -77,6 +77,7 @@ def main():
                 population=population,
                 seed=seed,
                 progress=False,
+                recover=(),  # the searches' masks as found
                 **kw,
             )
             m = gp.evaluate(r.pruned, test, attacks=("fgsm",), eps=(0.05,))

@@ -34,8 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gapruning as gp  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
+
+import gapruning as gp  # noqa: E402
 from gapruning.files import write_text_atomic  # noqa: E402
 
 CASES = {
@@ -151,8 +152,10 @@ def magnitude_masks_at(net, budget: str, target: float) -> tuple[dict, float]:
     for _ in range(12):
         ratio = (low + high) / 2
         masks = torch_pruning_masks(net, ratio)
-        kept = net.space.flops(masks) if budget == "flops" else sum(
-            int(m.sum()) for m in masks.values()
+        kept = (
+            net.space.flops(masks)
+            if budget == "flops"
+            else sum(int(m.sum()) for m in masks.values())
         )
         if kept <= (1 - target) * cost:
             high, best = ratio, (masks, ratio)
@@ -204,7 +207,13 @@ def run_case(model: str, args, log=print) -> dict:
     rows = []
     for name in args.rows:
         rows += ROWS[name](case, log)
-    return {"model": model, "budget": budget, "target": target, "dense": dense, "rows": rows}
+    return {
+        "model": model,
+        "budget": budget,
+        "target": target,
+        "dense": dense,
+        "rows": rows,
+    }
 
 
 ROWS = {"old": old_defaults, "new": new_rows, "torch_pruning": torch_pruning_rows}
@@ -298,7 +307,9 @@ def parse(argv=None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in CASES]
     unknown += [r for r in args.rows if r not in ROWS]
     if unknown:
-        p.error(f"unknown model(s)/row(s) {unknown}; known: {list(CASES)}, {list(ROWS)}")
+        p.error(
+            f"unknown model(s)/row(s) {unknown}; known: {list(CASES)}, {list(ROWS)}"
+        )
     return args
 
 
@@ -311,9 +322,11 @@ def main(argv=None) -> int:
     }
     new["settings"] = json.loads(json.dumps(new["settings"], default=str))
     stem = args.out
-    old = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(
-        ".json"
-    ).exists() and not args.quick else None
+    old = (
+        json.loads(stem.with_suffix(".json").read_text())
+        if stem.with_suffix(".json").exists() and not args.quick
+        else None
+    )
     report = merge(old, new)
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")

@@ -36,7 +36,8 @@ def test_time_to_result_quick_mode_writes_every_row(tmp_path):
         "new + distill 3",
     ]
     assert all(0 <= r["accuracy"] <= 100 and r["seconds"] > 0 for r in case["rows"])
-    assert "| lenet300-fmnist | 70% units | new defaults |" in out.with_suffix(
-        ".md"
-    ).read_text()
+    assert (
+        "| lenet300-fmnist | 70% units | new defaults |"
+        in out.with_suffix(".md").read_text()
+    )
     assert out.with_suffix(".png").stat().st_size > 0

@@ -109,13 +109,16 @@ def test_default_sizes_follow_the_network_cost():
     assert default_sizes(266_200) == FULL_SEARCH  # lenet300
     gens, pop, probes = default_sizes(30_821_248)  # resnet20
     assert (pop, probes) == (32, 256) and gens % 10 == 0
-    assert abs(gens * pop * probes * 30_821_248 - SEARCH_FLOPS) <= 5 * pop * probes * 30_821_248
+    assert (
+        abs(gens * pop * probes * 30_821_248 - SEARCH_FLOPS)
+        <= 5 * pop * probes * 30_821_248
+    )
     assert default_sizes(10**12) == (10, 32, 256)  # never fewer than 10 generations
-    sized = gp.prune(
-        gp.load("lenet300-fmnist"), "l1", 0.5, progress=False
-    ).config
+    sized = gp.prune(gp.load("lenet300-fmnist"), "l1", 0.5, progress=False).config
     assert (sized.generations, sized.population, sized.num_probes) == FULL_SEARCH
-    given = gp.prune(gp.load("lenet300-fmnist"), "l1", 0.5, population=8, progress=False)
+    given = gp.prune(
+        gp.load("lenet300-fmnist"), "l1", 0.5, population=8, progress=False
+    )
     assert given.config.population == 8 and given.config.generations == 200
 
 
@@ -151,7 +154,9 @@ def test_a_search_that_cannot_fit_in_memory_is_refused_up_front(monkeypatch):
 
     net = gp.load("resnet20-fmnist")
     check_memory(net, 512)  # fits this machine
-    with pytest.raises(MemoryError, match=r"resnet20-fmnist: one individual on 512 probes"):
+    with pytest.raises(
+        MemoryError, match=r"resnet20-fmnist: one individual on 512 probes"
+    ):
         check_memory(net, 512, limit=2**20)
     monkeypatch.setattr(defaults, "memory_bytes", lambda: 2**20)
     with pytest.raises(MemoryError, match="use fewer probes"):
