@@ -741,6 +741,31 @@ def test_cli_repair_and_distill_flags(tmp_path, monkeypatch):
     assert pruned.card["repair"]["method"] == "cosine"
 
 
+def test_cli_default_recovery_repairs_then_distills(tmp_path):
+    """Without recovery flags the result gets the default recovery: least
+    squares, then as many distillation steps as the search's probe evaluations
+    pay for; --no-recover keeps the found weights."""
+    import json
+
+    from gapruning import cli, zoo
+    from gapruning.defaults import default_distill_steps
+
+    net = tiny_mlp()
+    zoo.save(net, tmp_path / "mlp")
+    base = ["prune", "--model", str(tmp_path / "mlp"), "--target", "0.5"]
+    sizes = ["--generations", "60", "--population", "8", "--num-probes", "512"]
+    cli.main([*base, *sizes, "--out", str(tmp_path / "run"), "--quiet"])
+    card = gp.load(tmp_path / "run" / "model").card
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    steps = default_distill_steps(net, report["search"]["evaluations"] * 512)
+    assert steps >= 100 and card["distill"]["steps"] == steps
+    assert card["repair"]["method"] == "lstsq"
+    plain = [*base, *sizes, "--no-recover", "--out", str(tmp_path / "plain")]
+    cli.main([*plain, "--quiet"])
+    card = gp.load(tmp_path / "plain" / "model").card
+    assert "repair" not in card and "distill" not in card
+
+
 def test_solve_under_vmap_equals_a_loop_of_solves():
     """The population's ridge solves (a per-example loop on CPU) equal one
     float64 solve per example, with the matrix batched or shared."""

@@ -184,7 +184,9 @@ def _prune_into(args, out: Path) -> None:
         chunk_size=_chunk_size(args.chunk_size),
         repair=args.repair,
         recover=_recover(args),
-        recover_options={"distill": {"steps": args.distill_steps}},
+        recover_options=(
+            {"distill": {"steps": args.distill_steps}} if args.distill_steps else {}
+        ),
         strategy_options=strategy_options,
     )
     report = write_run(result, out, overwrite=True)
