@@ -817,11 +817,12 @@ def test_concurrent_population_repairs_do_not_deadlock():
 def test_distill_prints_its_expected_time_after_two_steps(monkeypatch):
     from gapruning.recover import distillation
 
-    clock = iter([0.0, 10.0, 12.0])  # start; step 0 (compiles); step 1
+    # start; steps 0 and 1 (both may compile); steps 2 and 3 (2 s each)
+    clock = iter([0.0, 10.0, 20.0, 22.0, 24.0])
     monkeypatch.setattr(distillation.time, "perf_counter", lambda: next(clock))
-    timer = distillation.StepTimer(302)
-    assert timer.estimate(0) is None
-    # 12 s so far, then 300 more steps at 2 s each
-    assert timer.estimate(1) == "distill: 302 steps, about 10.2 min in all"
+    timer = distillation.StepTimer(304)
+    assert [timer.estimate(i) for i in range(3)] == [None] * 3
+    # 24 s so far, then 300 more steps at 2 s each
+    assert timer.estimate(3) == "distill: 304 steps, about 10.4 min in all"
     assert distillation.format_seconds(42) == "42 s"
     assert distillation.format_seconds(3 * 3600) == "3.0 h"

@@ -297,17 +297,18 @@ class StepTimer:
     def __init__(self, steps: int):
         self.steps = steps
         self.start = time.perf_counter()
-        self.second = None
+        self.warm = None
 
     def estimate(self, i: int) -> str | None:
-        """After step ``i`` (0-based): at step 2, a line with the expected total
-        (the first step compiles; the second gives the pace), else ``None``."""
+        """After step ``i`` (0-based): at step 4, a line with the expected total
+        (the first two steps may compile; the next two give the pace), else
+        ``None``."""
         now = time.perf_counter()
-        if i == 0:
-            self.second = now
-        if i != 1 or self.steps < 3:
+        if i == 1:
+            self.warm = now
+        if i != 3 or self.steps < 5:
             return None
-        total = now - self.start + (now - self.second) * (self.steps - 2)
+        total = now - self.start + (now - self.warm) / 2 * (self.steps - 4)
         return f"distill: {self.steps} steps, about {format_seconds(total)} in all"
 
 
