@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, machine  # noqa: E402
-from fitness_ranking import CASES, budget_of  # noqa: E402
+from fitness_ranking import CASES, budget_of, load_data  # noqa: E402
 
 import gapruning as gp  # noqa: E402
 from gapruning.files import write_text_atomic  # noqa: E402
@@ -175,16 +175,6 @@ def summarize(runs: list[dict]) -> dict:
         "per_seed": regret,
     }
     return out
-
-
-def load_data(num_test: int, num_oracle: int):
-    test = gp.data.fashion_mnist("test")
-    train = gp.data.fashion_mnist("train")
-    return (
-        jnp.asarray(test.images[:num_test]),
-        jnp.asarray(test.labels[:num_test]),
-        jnp.asarray(train.images[:num_oracle]),
-    )
 
 
 def run(args, log=print) -> dict:
