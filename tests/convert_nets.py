@@ -189,3 +189,49 @@ def torch_resnet(blocks=1, widths=(4, 8, 16), projection=True, classes=10):
 
     torch.manual_seed(0)
     return randomize_bn(ResNet())
+
+
+def torchvision():
+    """torchvision (imported as ``benchmarks/common.py`` does on a CPU torch), or
+    the test is skipped."""
+    import pytest
+    from conftest import load_benchmark
+
+    try:
+        return load_benchmark("common").import_torchvision()
+    except ImportError:
+        pytest.skip("torchvision is not installed")
+
+
+def randomize_norms(module, seed=2):
+    """Random LayerNorm affine parameters and ConvNeXt layer scales (fresh ones
+    are ones/zeros and 1e-6: a wrong block would hide behind them)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "layer_scale" or (leaf == "weight" and p.dim() == 1):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif leaf == "bias" and p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return randomize_bn(module)
+
+
+def tiny_convnext(classes=5):
+    """torchvision's ConvNeXt with two stages of one block (8 and 16 channels)."""
+    torchvision()
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    settings = [CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)]
+    return randomize_norms(ConvNeXt(settings, num_classes=classes))
+
+
+def tiny_shufflenet(classes=5):
+    """torchvision's ShuffleNetV2 with stages of 2, 1 and 1 blocks (the first
+    block of a stage concatenates two branches, the others split the input)."""
+    torchvision()
+    from torchvision.models.shufflenetv2 import ShuffleNetV2
+
+    return randomize_bn(ShuffleNetV2([2, 1, 1], [8, 16, 32, 64, 48], classes))

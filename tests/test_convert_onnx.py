@@ -13,6 +13,8 @@ from convert_nets import (  # noqa: E402
     flax_out,
     inputs,
     rel_diff,
+    tiny_convnext,
+    tiny_shufflenet,
     torch_lenet5,
     torch_mlp,
     torch_out,
@@ -364,4 +366,87 @@ def test_unsupported_clip_and_hardsigmoid_are_named():
     relu = model.graph.node[3]
     relu.op_type, relu.name = "HardSigmoid", "hs"
     with pytest.raises(UnsupportedLayerError, match=r"alpha=0.2, beta=0.5.*'hs'"):
+        from_onnx(model)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("family", ["convnext", "shufflenet_v2"])
+def test_torchvision_families_through_onnx(tmp_path, family, dynamo):
+    """Either exporter at its default opset: Transposes around
+    LayerNormalization, MatMul on channels-last maps, a layer scale, Split or
+    Slice of channels, the Reshape-Transpose-Reshape channel shuffle."""
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    module = {"convnext": tiny_convnext, "shufflenet_v2": tiny_shufflenet}[family]()
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(2, 3, 32, 32),), path, dynamo=dynamo)
+    net = from_onnx(path)
+    x, x_fw = inputs((32, 32, 3), n=2)
+    assert rel_diff(flax_out(net, x), torch_out(module, x_fw)) < 1e-4
+    ops = {n.op for n in net.model.nodes}
+    want = {"layernorm", "gelu", "dwconv"} if family == "convnext" else set()
+    assert want | ({"channel_shuffle"} if family != "convnext" else set()) <= ops
+    assert net.space.groups
+
+
+def gelu_graph(form: str):
+    """Dense -> GELU written with Erf (three orders of its products) -> Dense."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 1, (4, 6)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 1, (6, 3)).astype(np.float32), "w2"),
+    ]
+    for name, v in [("r2", 2**0.5), ("ir2", 2**-0.5), ("one", 1.0), ("half", 0.5)]:
+        inits.append(numpy_helper.from_array(np.array(v, np.float32), name))
+    n = helper.make_node
+    if form == "x_then_half":
+        tail = [n("Mul", ["h", "p"], ["xp"]), n("Mul", ["xp", "half"], ["g"])]
+    elif form == "half_then_x":
+        tail = [n("Mul", ["p", "half"], ["hp"]), n("Mul", ["h", "hp"], ["g"])]
+    else:  # (x * 0.5) * (1 + erf)
+        tail = [n("Mul", ["h", "half"], ["hx"]), n("Mul", ["hx", "p"], ["g"])]
+    scaled = n("Div", ["h", "r2"], ["d"])
+    if form == "half_then_x":
+        scaled = n("Mul", ["ir2", "h"], ["d"])
+    nodes = [
+        n("MatMul", ["x", "w1"], ["h"]),
+        scaled,
+        n("Erf", ["d"], ["e"]),
+        n("Add", ["one", "e"] if form == "x_half_first" else ["e", "one"], ["p"]),
+        *tail,
+        n("MatMul", ["g", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gelu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("form", ["x_then_half", "half_then_x", "x_half_first"])
+def test_gelu_written_with_erf_is_one_op(form):
+    model = gelu_graph(form)
+    net = from_onnx(model)
+    assert [n.op for n in net.model.nodes if n.op not in ("mask",)] == [
+        "input",
+        "dense",
+        "gelu",
+        "dense",
+    ]
+    x, _ = inputs((4,), n=8)
+    assert rel_diff(flax_out(net, x), ort_out(model.SerializeToString(), x)) < TOL
+
+
+def test_erf_read_elsewhere_is_not_fused():
+    model = gelu_graph("x_then_half")
+    model.graph.node[-1].input[0] = "e"  # the Erf's value is also read
+    with pytest.raises(UnsupportedLayerError, match=r"op Erf in node"):
         from_onnx(model)

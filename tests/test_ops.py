@@ -41,6 +41,14 @@ def _concat(g, x):
     return g.relu(g.batchnorm(g.concat(a, x, b, name="cat"), name="cat_bn"))
 
 
+def _shuffle(g, x):
+    """ShuffleNet-like: a branch concatenated with the input, then shuffled; the
+    branch's inner conv stays prunable, the concatenated channels do not."""
+    inner = g.relu(g.conv(x, 3, 1, name="inner"))
+    b = g.relu(g.conv(g.conv(inner, 3, 3, groups=3, name="dw"), 4, 1, name="outer"))
+    return g.channel_shuffle(g.concat(x, b, name="cat"), 2, name="shuffle")
+
+
 def _flat_head(g, x):
     h = g.relu(g.dense(g.flatten(g.maxpool(x, 2)), 7, name="fc"))
     return g.dense(h, 3, name="out")
@@ -86,6 +94,7 @@ BODIES = {
     "concat": (_concat, _conv_head),
     "concat_mask": (_concat, _flat_head),
     "layernorm": (lambda g, x: g.layernorm(x), _ln_head),
+    "channel_shuffle": (_shuffle, _conv_head),
 }
 for _act in ("relu6", "hardswish", "hardsigmoid", "silu"):
     BODIES[_act] = (lambda g, x, a=_act: g.activation(x, a), _conv_head)
@@ -231,6 +240,9 @@ def test_channel_flow_couplings():
     assert {g.name for g in se.groups} == {"c1", "se1", "c2"}
     gc = network("grouped_conv").space
     assert gc.group_of("c1") is None and gc.group_of("gc") is None
+    shuffle = network("channel_shuffle").space
+    assert [g.name for g in shuffle.groups] == ["inner", "c2"]
+    assert shuffle.group_of("dw") == "inner"
     cat = network("concat").space
     assert [g.name for g in cat.groups] == ["c1", "ca", "cb", "c2"]
     assert [cat.group_of(t) for t in cat.pieces_of("cat_bn")] == ["ca", "c1", "cb"]
@@ -245,6 +257,17 @@ def test_a_concatenation_mixed_with_another_space_is_not_pruned():
     out = g.dense(g.global_avgpool(g.relu(g.conv(y, 5, 3, name="c2"))), 3)
     space = random_pretrained(g.build(out)).space
     assert [grp.name for grp in space.groups] == ["c2"]
+
+
+def test_channel_shuffle_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).random((2, 3, 2, 6)).astype(np.float32)
+    node = Node("channel_shuffle", "s", ("x",), (3, 2, 6), (("groups", 3),))
+    got = np.asarray(OPS["channel_shuffle"].apply(node, None, [jnp.asarray(x)]))
+    t = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    want = t.view(2, 3, 2, 3, 2).transpose(1, 2).reshape(2, 6, 3, 2).numpy()
+    np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1))
+    assert not np.allclose(got, x)
 
 
 def test_adaptive_pooling_matches_torch_for_uneven_windows():

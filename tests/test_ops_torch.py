@@ -1,13 +1,22 @@
 """PyTorch modules using the op table's newer ops convert exactly, and prune and
 compact exactly: a MobileNetV2-style inverted residual, a squeeze-excite block
 (MobileNetV3-style: hardswish, hardsigmoid gate, conv 1x1 on the pooled map),
-activations, adaptive pooling and max pooling with ceil_mode."""
+activations, adaptive pooling and max pooling with ceil_mode; tiny torchvision
+ConvNeXt and ShuffleNetV2 (permutes to channels-last, LayerNorm, layer scale,
+channel split and shuffle) convert, prune, compact and export."""
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from convert_nets import flax_out, inputs, rel_diff, torch_out  # noqa: E402
+from convert_nets import (  # noqa: E402
+    flax_out,
+    inputs,
+    rel_diff,
+    tiny_convnext,
+    tiny_shufflenet,
+    torch_out,
+)
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
@@ -225,3 +234,110 @@ def test_unsupported_layers_fail_naming_them():
 
     with pytest.raises(UnsupportedLayerError, match="avg_pool2d with ceil_mode"):
         from_torch(CeilAvg(), input_shape=(7, 7, 1))
+
+
+# ------------------------------------------------------------ torchvision families
+
+FAMILIES = {"convnext": tiny_convnext, "shufflenet_v2": tiny_shufflenet}
+SIZE = (32, 32, 3)
+# the prunable groups: ConvNeXt's MLP hidden units (Linear(C, 4C) of each block);
+# ShuffleNetV2's stem, head conv and the 1x1 conv opening each block's branch
+# (with the depthwise conv after it): the concatenated, shuffled channels are not
+FAMILY_GROUPS = {
+    "convnext": {"features_1_0_block_3": 32, "features_3_0_block_3": 64},
+    "shufflenet_v2": {"conv1_0": 8, "conv5_0": 48}
+    | {f"stage{s}_{b}_branch2_0": c for s, b, c in [(2, 0, 8), (2, 1, 8), (3, 0, 16)]}
+    | {"stage4_0_branch2_0": 32},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    torch.manual_seed(0)
+    module = FAMILIES[request.param]()
+    return request.param, module, from_torch(module, input_shape=SIZE)
+
+
+def test_torchvision_family_converts(family):
+    _, module, net = family
+    x, x_fw = inputs(SIZE, n=4)
+    assert rel_diff(flax_out(net, x), torch_out(module, x_fw)) <= TOL
+
+
+def test_torchvision_family_groups(family):
+    name, _, net = family
+    space = net.space
+    assert {g.name: g.size for g in space.groups} == FAMILY_GROUPS[name]
+    ops = {n.op for n in net.model.nodes}
+    if name == "convnext":
+        assert {"layernorm", "gelu", "dwconv"} <= ops
+        assert space.group_of("features_1_0_block_0") is None  # the residual stream
+    else:
+        assert {"channel_shuffle", "channel_map", "concat"} <= ops
+        assert space.group_of("stage2_1_branch2_3") == "stage2_1_branch2_0"
+        assert space.group_of("stage2_1_branch2_5") is None
+
+
+def test_torchvision_family_prunes_compacts_and_exports(family, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    _, _, net = family
+    result = gp.prune(
+        net,
+        strategy="ga",
+        target=0.3,
+        budget="flops",
+        generations=2,
+        population=4,
+        num_probes=8,
+        seed=0,
+        progress=False,
+        recover=(),
+    )
+    masks = result.masks
+    assert sum(m.sum() for m in masks.values()) < net.space.num_units
+    small = gp.compact(net, masks)
+    x, x_fw = inputs(SIZE, n=4)
+    want = np.asarray(gp.masked_apply(net, masks, x))
+    got = flax_out(small, x)
+    assert rel_diff(got, want) <= 1e-5
+    assert gp.param_count(small) == net.space.params(masks) < net.space.dense_params
+    exported = gp.convert.to_torch_module(small)
+    assert rel_diff(torch_out(exported, x_fw), got) <= TOL
+    path = gp.convert.to_onnx(small, tmp_path / "small.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert rel_diff(sess.run(None, {"input": x_fw})[0], got) <= TOL
+
+
+class Swap(nn.Module):
+    """``x.permute(0, 3, 2, 1)``: not a change between NCHW and NHWC."""
+
+    def forward(self, x):
+        return x.permute(0, 3, 2, 1)
+
+
+class Split(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return torch.cat(x.chunk(2, dim=self.dim), 1)
+
+
+def _head(*body):
+    pool = (nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    return nn.Sequential(nn.Conv2d(3, 4, 3), *body, *pool)
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ((Swap(),), r"permute 'permute' .* to axes \(0, 3, 2, 1\) .*module '1'"),
+        ((nn.LayerNorm(6),), r"layer norm '1' over the last axis.*\(4, 6, 6\)"),
+        ((Split(2),), r"split 'chunk' .* along axis 2 .*module '1'"),
+    ],
+)
+def test_unsupported_layouts_fail_naming_op_module_and_limit(body, match):
+    with pytest.raises(UnsupportedLayerError, match=match) as err:
+        from_torch(_head(*body), input_shape=(8, 8, 3))
+    assert "\n" not in str(err.value)

@@ -35,26 +35,17 @@ import numpy as np
 
 from ..models.graph import GraphBuilder, Node
 from .common import ConversionError, ShapeMismatchError, unique_name
+from .nchw_layout import LayoutOps, Val, laid_out
+
+__all__ = ["NCHWGraph", "Val"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Val:
-    """A framework tensor as it lives in our graph.
-
-    ``kind`` is ``"map"`` (framework ``(C, H, W)``, ours ``(H, W, C)``), ``"flat"``
-    (framework ``(F,)``, ours ``(F,)`` with framework feature ``i`` at our index
-    ``perm[i]``) or ``"pooled"`` (framework ``(C, 1, 1)``, ours ``(C,)``).
-    ``stride``/``index`` describe a pending ``channel_map`` not yet emitted.
-    """
-
-    node: str
-    kind: str
-    perm: tuple[int, ...] | None = None
-    stride: int = 1
-    index: tuple[int, ...] | None = None
+# layouts whose channels per-channel values can address (the last axis of a
+# channels-last tensor: Linear, LayerNorm, a per-channel scale)
+LAST = ("nchw", "nhwc")
 
 
-class NCHWGraph:
+class NCHWGraph(LayoutOps):
     """Builds a node tuple and its parameters from channels-first operations.
 
     Args:
@@ -95,9 +86,9 @@ class NCHWGraph:
                 h, w = -(-h // v.stride), -(-w // v.stride)
             if v.index is not None:
                 c = len(v.index)
-            return (c, h, w)
+            return laid_out((c, h, w), v.layout, v.groups)
         if v.kind == "pooled":
-            return (shape[-1], 1, 1)
+            return laid_out((shape[-1], 1, 1), v.layout, v.groups)
         return shape
 
     def _real(self, v: Val) -> Val:
@@ -113,18 +104,27 @@ class NCHWGraph:
             index=index,
             name=self.name(f"{v.node}_map"),
         )
-        return Val(node, v.kind)
+        return Val(node, v.kind, layout=v.layout, groups=v.groups)
 
-    def _need(self, v: Val, kinds: tuple[str, ...], op: str, name: str) -> Val:
+    def _need(
+        self, v: Val, kinds: tuple[str, ...], op: str, name: str, layouts=("nchw",)
+    ) -> Val:
+        """``v`` emitted; an error unless its kind and layout are as given."""
         v = self._real(v)
-        if v.kind not in kinds:
+        if v.kind not in kinds or v.layout not in layouts:
             what = {
                 "map": f"a feature map of shape {self.fw_shape(v)}",
                 "flat": f"a vector of {self.fw_shape(v)[0]} features",
                 "pooled": f"a pooled map of shape {self.fw_shape(v)}",
             }[v.kind]
+            if v.layout != "nchw":
+                what = f"{what} in {v.layout.upper()} layout"
             raise ConversionError(f"{self.where}: {op} {name!r} cannot read {what}")
         return v
+
+    def _like(self, x: Val, node: str) -> Val:
+        """``node``'s value, laid out as ``x`` (an op that keeps the layout)."""
+        return dataclasses.replace(x, node=node, stride=1, index=None)
 
     def _per_feature(self, v: Val, values: np.ndarray) -> np.ndarray:
         """Per-feature framework values reordered to our order (flat perm)."""
@@ -154,10 +154,24 @@ class NCHWGraph:
     # ---------------------------------------------------------------- layers
 
     def linear(self, x: Val, weight, bias, *, name: str) -> Val:
-        """``y = x @ weight.T + bias``, ``weight`` of shape ``(out, in)``."""
-        x = self._need(x, ("flat",), "dense layer", name)
+        """``y = x @ weight.T + bias``, ``weight`` of shape ``(out, in)``; on a
+        channels-last map a 1x1 convolution (a Dense per position)."""
+        x = self._need(x, ("flat", "map", "pooled"), "dense layer", name, LAST)
+        if x.kind != "flat" and x.layout != "nhwc":
+            x = self._need(x, ("flat",), "dense layer", name)
         weight = np.asarray(weight, np.float32)
-        (features,) = self.fw_shape(x)
+        features = self.fw_shape(x)[-1]
+        if x.kind == "map":
+            kernel = weight[:, :, None, None] if weight.ndim == 2 else weight
+            out = self.conv(
+                dataclasses.replace(x, layout="nchw"),
+                kernel,
+                bias,
+                strides=(1, 1),
+                pads="VALID",
+                name=name,
+            )
+            return dataclasses.replace(out, layout="nhwc")
         if weight.ndim != 2 or weight.shape[1] != features:
             raise ShapeMismatchError(
                 f"{self.where}: weight of {name!r} has shape {weight.shape}, "
@@ -168,7 +182,7 @@ class NCHWGraph:
             x.node, out, use_bias=bias is not None, name=self.name(name)
         )
         self._store(node, self._per_feature(x, weight.T.copy()), bias, out, name)
-        return Val(node, "flat")
+        return self._like(x, node)
 
     def conv(
         self, x: Val, weight, bias, *, strides, pads, name: str, groups: int = 1
@@ -178,10 +192,10 @@ class NCHWGraph:
         the end) or ``"VALID"``. A 1x1 convolution of a pooled ``(C, 1, 1)`` map
         is a dense layer (squeeze-excite blocks)."""
         weight = np.asarray(weight, np.float32)
-        if self._real(x).kind == "pooled" and _pointwise(weight, strides, pads, groups):
-            out = self.linear(
-                Val(self._real(x).node, "flat"), weight[:, :, 0, 0], bias, name=name
-            )
+        x = self._real(x)  # once: a pending channel map is emitted here
+        pointwise = _pointwise(weight, strides, pads, groups)
+        if x.kind == "pooled" and x.layout == "nchw" and pointwise:
+            out = self.linear(Val(x.node, "flat"), weight[:, :, 0, 0], bias, name=name)
             return Val(out.node, "pooled")
         x = self._need(x, ("map",), "convolution", name)
         c = self.fw_shape(x)[0]
@@ -209,12 +223,23 @@ class NCHWGraph:
         return Val(node, "map")
 
     def batchnorm(
-        self, x: Val, scale, bias, mean, var, *, epsilon, momentum, name: str
+        self,
+        x: Val,
+        scale,
+        bias,
+        mean,
+        var,
+        *,
+        epsilon,
+        momentum,
+        name: str,
+        layouts=("nchw",),
     ) -> Val:
         """Inference BatchNorm; ``momentum`` in Flax's convention (weight of the old
-        running average)."""
-        x = self._need(x, ("map", "flat", "pooled"), "batch norm", name)
-        n = self.fw_shape(x)[0]
+        running average). Per-channel values apply to channels-last tensors
+        too where ``layouts`` allows it (an affine map)."""
+        x = self._need(x, ("map", "flat", "pooled"), "batch norm", name, layouts)
+        n = self.g.shape(x.node)[-1]
         arrays = {}
         for key, value in (("scale", scale), ("bias", bias), ("mean", mean)):
             arrays[key] = np.asarray(value, np.float32).reshape(-1)
@@ -228,26 +253,33 @@ class NCHWGraph:
             name=self.name(name),
         )
         self.params[node] = {k: self._per_feature(x, v) for k, v in arrays.items()}
-        return Val(node, x.kind, x.perm)
+        return self._like(x, node)
 
     def layernorm(self, x: Val, scale, bias, *, epsilon, name: str) -> Val:
-        """LayerNorm over the features of a vector (or a pooled map)."""
-        x = self._need(x, ("flat", "pooled"), "layer norm", name)
-        n = self.fw_shape(x)[0]
+        """LayerNorm over the last axis: the features of a vector, or the
+        channels of a channels-last map."""
+        x = self._need(x, ("flat", "map", "pooled"), "layer norm", name, LAST)
+        if x.kind != "flat" and x.layout != "nhwc":
+            self.unsupported(
+                f"layer norm {name!r} over the last axis of a tensor of shape "
+                f"{self.fw_shape(x)} (only over channels: of a vector, or of a map "
+                "permuted to channels-last)"
+            )
+        n = self.g.shape(x.node)[-1]
         arrays = {"scale": scale, "bias": bias}
         for key, value in arrays.items():
             arrays[key] = np.asarray(value, np.float32).reshape(-1)
             self._check(f"{key} of {name!r}", arrays[key].shape, (n,))
         node = self.g.layernorm(x.node, epsilon=float(epsilon), name=self.name(name))
         self.params[node] = {k: self._per_feature(x, v) for k, v in arrays.items()}
-        return Val(node, x.kind, x.perm)
+        return self._like(x, node)
 
     def affine(self, x: Val, scale=None, shift=None, *, name: str) -> Val:
         """``x * scale + shift`` with per-channel (or scalar) constants."""
-        x = self._need(x, ("map", "flat", "pooled"), "affine", name)
-        n = self.fw_shape(x)[0]
-        s = np.ones(n, np.float32) if scale is None else _per_channel(scale, n, x.kind)
-        b = np.zeros(n, np.float32) if shift is None else _per_channel(shift, n, x.kind)
+        x = self._need(x, ("map", "flat", "pooled"), "affine", name, LAST)
+        n, kind = self.g.shape(x.node)[-1], "flat" if x.layout == "nhwc" else x.kind
+        s = np.ones(n, np.float32) if scale is None else _per_channel(scale, n, kind)
+        b = np.zeros(n, np.float32) if shift is None else _per_channel(shift, n, kind)
         if s is None or b is None:
             raise ConversionError(
                 f"{self.where}: {name!r} multiplies or adds a constant that is not "
@@ -263,6 +295,7 @@ class NCHWGraph:
             epsilon=0.0,
             momentum=0.9,
             name=name,
+            layouts=LAST,
         )
 
     def fold_bias(self, x: Val, shift) -> bool:
@@ -273,8 +306,8 @@ class NCHWGraph:
         """
         if x.stride != 1 or x.index is not None or x.node not in self.bias_free:
             return False
-        n = self.fw_shape(x)[0]
-        b = _per_channel(shift, n, x.kind)
+        n, kind = self.g.shape(x.node)[-1], "flat" if x.layout == "nhwc" else x.kind
+        b = _per_channel(shift, n, kind)
         if b is None:
             return False
         i = next(i for i, node in enumerate(self.g.nodes) if node.name == x.node)
@@ -287,28 +320,28 @@ class NCHWGraph:
 
     def relu(self, x: Val, *, name: str) -> Val:
         x = self._real(x)
-        return Val(self.g.relu(x.node, name=self.name(name)), x.kind, x.perm)
+        return self._like(x, self.g.relu(x.node, name=self.name(name)))
 
     def sigmoid(self, x: Val, *, name: str) -> Val:
         x = self._real(x)
-        return Val(self.g.sigmoid(x.node, name=self.name(name)), x.kind, x.perm)
+        return self._like(x, self.g.sigmoid(x.node, name=self.name(name)))
 
     def softmax(self, x: Val, axis: int, *, name: str) -> Val:
-        """Softmax over the channel axis (1, or -1 for vectors)."""
+        """Softmax over the channel axis (1 of NCHW, 3 of NHWC, -1 of vectors)."""
         x = self._real(x)
-        rank = 2 if x.kind == "flat" else 4
-        if axis % rank != 1:
+        rank = len(self.fw_shape(x)) + 1
+        if axis % rank != self.channel_axis(x):
             raise ConversionError(
                 f"{self.where}: softmax {name!r} over axis {axis} of a rank-{rank} "
-                "tensor; only the channel/feature axis (1) is supported"
+                "tensor; only the channel/feature axis is supported"
             )
-        return Val(self.g.softmax(x.node, name=self.name(name)), x.kind, x.perm)
+        return self._like(x, self.g.softmax(x.node, name=self.name(name)))
 
     def activation(self, x: Val, op: str, *, name: str, **attrs) -> Val:
         """An elementwise activation of the op table (``relu6``, ``silu``...)."""
         x = self._real(x)
         node = self.g.activation(x.node, op, name=self.name(name), **attrs)
-        return Val(node, x.kind, x.perm)
+        return self._like(x, node)
 
     def mul(self, a: Val, b: Val, *, name: str) -> Val:
         """``a * b`` of two tensors: equal layouts, or a feature map times a
@@ -316,14 +349,14 @@ class NCHWGraph:
         a, b = self._real(a), self._real(b)
         if a.kind == "pooled" and b.kind == "map":
             a, b = b, a
-        same = a.kind == b.kind and a.perm == b.perm
-        gate = a.kind == "map" and b.kind == "pooled"
+        same = a.kind == b.kind and a.perm == b.perm and a.layout == b.layout
+        gate = a.kind == "map" and b.kind == "pooled" and a.layout == b.layout
         if not (same or gate) or self.g.shape(b.node)[-1] != self.g.shape(a.node)[-1]:
             raise ShapeMismatchError(
                 f"{self.where}: mul {name!r} of shapes {self.fw_shape(a)} and "
                 f"{self.fw_shape(b)}"
             )
-        return Val(self.g.mul(a.node, b.node, name=self.name(name)), a.kind, a.perm)
+        return self._like(a, self.g.mul(a.node, b.node, name=self.name(name)))
 
     def maxpool(self, x: Val, kernel, strides, pads, *, name: str) -> Val:
         x = self._need(x, ("map",), "max pooling", name)
@@ -363,12 +396,15 @@ class NCHWGraph:
         return Val(node, "map")
 
     def flatten(self, x: Val, *, name: str) -> Val:
-        """Flattens everything after the batch axis, in the framework's order."""
-        x = self._real(x)
+        """Flattens everything after the batch axis, in the framework's order
+        (a channels-last map's is ours)."""
+        x = self._need(x, ("map", "flat", "pooled"), "flatten", name, LAST)
         if x.kind == "flat":
             return x
         if x.kind == "pooled":
             return Val(x.node, "flat")
+        if x.layout == "nhwc":
+            return Val(self.g.flatten(x.node, name=self.name(name)), "flat")
         h, w, c = self.g.shape(x.node)
         node = self.g.flatten(x.node, name=self.name(name))
         perm = np.arange(h * w * c).reshape(h, w, c).transpose(2, 0, 1).ravel()
@@ -377,7 +413,7 @@ class NCHWGraph:
 
     def add(self, a: Val, b: Val, *, name: str) -> Val:
         a, b = self._real(a), self._real(b)
-        if a.kind != b.kind or a.perm != b.perm:
+        if a.kind != b.kind or a.perm != b.perm or a.layout != b.layout:
             raise ConversionError(
                 f"{self.where}: add {name!r} of tensors laid out differently "
                 f"({self.fw_shape(a)} and {self.fw_shape(b)})"
@@ -387,7 +423,7 @@ class NCHWGraph:
                 f"{self.where}: add {name!r} of shapes {self.fw_shape(a)} and "
                 f"{self.fw_shape(b)}"
             )
-        return Val(self.g.add(a.node, b.node, name=self.name(name)), a.kind, a.perm)
+        return self._like(a, self.g.add(a.node, b.node, name=self.name(name)))
 
     def concat(self, xs: list[Val], axis: int, *, name: str) -> Val:
         """Concatenation along the channel axis (1) of maps, pooled maps or
@@ -395,7 +431,8 @@ class NCHWGraph:
         xs = [self._real(x) for x in xs]
         kinds = {x.kind for x in xs}
         rank = 2 if kinds == {"flat"} else 4
-        if len(kinds) != 1 or axis % rank != 1 or any(x.perm for x in xs):
+        nchw = all(x.layout == "nchw" for x in xs)
+        if len(kinds) != 1 or axis % rank != 1 or any(x.perm for x in xs) or not nchw:
             shapes = [self.fw_shape(x) for x in xs]
             raise ConversionError(
                 f"{self.where}: concat {name!r} of {shapes} along axis {axis}; only "
@@ -406,7 +443,7 @@ class NCHWGraph:
 
     def subsample(self, x: Val, stride: int, *, name: str) -> Val:
         """``x[:, :, ::stride, ::stride]`` (a strided spatial slice)."""
-        if x.kind != "map":
+        if x.kind != "map" or x.layout != "nchw":
             raise ConversionError(
                 f"{self.where}: {name!r} slices a tensor that is not a feature map"
             )
@@ -416,7 +453,7 @@ class NCHWGraph:
 
     def select_channels(self, x: Val, index, *, name: str) -> Val:
         """Output channel ``j`` is input channel ``index[j]`` (``-1``: zeros)."""
-        if x.kind != "map":
+        if x.kind != "map" or x.layout != "nchw":
             raise ConversionError(
                 f"{self.where}: {name!r} picks channels of a tensor that is not a "
                 "feature map"
@@ -434,7 +471,7 @@ class NCHWGraph:
     def finish(self, out: Val) -> tuple[Node, ...]:
         """The node tuple with ``out`` as the model output."""
         out = self._real(out)
-        if out.kind == "map":
+        if out.kind == "map" or out.layout in ("grouped", "swapped"):
             raise ConversionError(
                 f"{self.where}: the output is a feature map of shape "
                 f"{self.fw_shape(out)}; only vector outputs are supported"

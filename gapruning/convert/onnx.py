@@ -14,7 +14,10 @@ excitation gates), Mul/Sub/Div by a per-channel constant, Identity (of a tensor
 or of a constant, which torch's exporter writes for shared initializers) and
 Dropout (the newer ops in :mod:`gapruning.convert.onnx_ops`); plus the shortcut ops
 gapruning's own exporter writes: Slice (strided spatial subsampling), Pad (zero
-channels), Gather (channel selection) and Transpose to NHWC right before a Flatten.
+channels), Gather (channel selection). Transpose between NCHW and NHWC (a LayerNorm
+or MatMul on channels-last maps), Split/Slice of channel ranges and the
+Reshape-Transpose-Reshape of a channel shuffle; GELU written with Erf is fused into
+one op (:mod:`gapruning.convert.onnx_patterns`).
 
 ONNX tensors are NCHW; they are laid out channels-last with
 :class:`~gapruning.convert.nchw.NCHWGraph` (conv kernels ``OIHW -> HWIO``, rows of
@@ -42,6 +45,7 @@ from .common import (
 )
 from .nchw import NCHWGraph, Val
 from .onnx_ops import OnnxChannelOps
+from .onnx_patterns import fuse_gelu
 
 
 def from_onnx(
@@ -124,10 +128,11 @@ class _Importer(OnnxChannelOps):
         self.graph, self.consts, self.opset = graph, consts, opset
         self.where, self.nh = where, numpy_helper
         self.vals: dict[str, Val] = {}
-        self.nhwc: dict[str, Val] = {}  # outputs of Transpose(0, 2, 3, 1)
         self.shape_vals: dict[str, np.ndarray] = {}  # shape arithmetic; None=batch
+        outputs = [o.name for o in graph.output]
+        self.nodes = fuse_gelu(list(graph.node), consts, outputs)
         self.uses: dict[str, int] = {}
-        for n in graph.node:
+        for n in self.nodes:
             for i in n.input:
                 self.uses[i] = self.uses.get(i, 0) + 1
         for o in graph.output:
@@ -150,15 +155,22 @@ class _Importer(OnnxChannelOps):
         fw = self._input_shape(inputs[0], input_shape)
         self.g = NCHWGraph(fw, where=self.where)
         self.vals[inputs[0].name] = self.g.input
-        for pos, node in enumerate(self.graph.node):
+        for pos, node in enumerate(self.nodes):
             self.pos, self.node = pos, node
             self.label = node.name or f"{node.op_type}_{pos}"
             handler = getattr(self, f"_{node.op_type}", None)
             if node.domain not in ("", "ai.onnx") or handler is None:
                 self.fail(f"op {node.op_type}")
-            handler(_attrs(node))
+            try:
+                handler(_attrs(node))
+            except ConversionError as err:
+                if "(position" in str(err):
+                    raise
+                raise type(err)(
+                    f"{err} (node {self.label!r}, position {pos})"
+                ) from None
         out = self.graph.output[0].name
-        if out in self.nhwc or out not in self.vals:
+        if out not in self.vals:
             raise ConversionError(
                 f"{self.where}: the graph output {out!r} is not a supported tensor"
             )
@@ -203,10 +215,6 @@ class _Importer(OnnxChannelOps):
 
     def x(self, i: int = 0) -> Val:
         name = self.node.input[i]
-        if name in self.nhwc:
-            self.fail(
-                f"use of the NHWC-transposed tensor {name!r} by {self.node.op_type}"
-            )
         if name in self.shape_vals:
             self.fail(f"use of the shape value {name!r} by {self.node.op_type}")
         if name not in self.vals:
@@ -264,8 +272,6 @@ class _Importer(OnnxChannelOps):
             self.consts[self.node.output[0]] = self.consts[name]
         elif name in self.shape_vals:
             self.shape_vals[self.node.output[0]] = self.shape_vals[name]
-        elif name in self.nhwc:
-            self.nhwc[self.node.output[0]] = self.nhwc[name]
         else:
             self.out(self.x())
 
@@ -394,20 +400,10 @@ class _Importer(OnnxChannelOps):
         pooled = self.g.global_avgpool(x, name=self.label)
         self.out(pooled if a.get("keepdims", 1) else Val(pooled.node, "flat"))
 
-    def _flatten_input(self) -> Val:
-        name = self.node.input[0]
-        if name in self.nhwc:  # NHWC flatten order is ours: no permutation
-            v = self.nhwc[name]
-            return Val(
-                self.g.g.flatten(self.g._real(v).node, name=self.g.name(self.label)),
-                "flat",
-            )
-        return self.g.flatten(self.x(), name=self.label)
-
     def _Flatten(self, a):
         if a.get("axis", 1) != 1:
             self.fail(f"Flatten with axis={a.get('axis')}")
-        self.out(self._flatten_input())
+        self.out(self.g.flatten(self.x(), name=self.label))
 
     def _Reshape(self, a):
         target = self.node.input[1]
@@ -417,24 +413,15 @@ class _Importer(OnnxChannelOps):
             ]
         else:
             shape = [int(d) for d in self.const(1).reshape(-1)]
-        name = self.node.input[0]
-        src = self.nhwc.get(name) or self.x()
-        total = int(np.prod(self.g.fw_shape(src)))
+        x = self.x()
+        total = int(np.prod(self.g.fw_shape(x)))
         batch = (-1, 0, self.batch) if self.batch else (-1, 0)  # static batch size
-        ok = len(shape) == 2 and (
-            (shape[0] in batch and shape[1] in (-1, total))
-            or (shape[0] > 0 and shape[1] == total)
-        )
-        if not ok:
-            self.fail(f"Reshape to {shape} (only to (N, features))")
-        self.out(self._flatten_input())
+        if shape[0] not in batch and not (len(shape) == 2 and shape[1] == total):
+            self.fail(f"Reshape to {shape} (the batch axis must stay)")
+        self.out(self.g.reshape(x, shape, name=self.label))
 
     def _Transpose(self, a):
-        perm = list(a.get("perm", []))
-        x = self.x()
-        if perm != [0, 2, 3, 1] or x.kind != "map":
-            self.fail(f"Transpose with perm {perm} (only NCHW -> NHWC before Flatten)")
-        self.nhwc[self.node.output[0]] = x
+        self.out(self.g.permute(self.x(), a.get("perm", []), name=self.label))
 
     def _binary(self, op):
         if not self.is_const(0) and not self.is_const(1):
@@ -487,6 +474,9 @@ class _Importer(OnnxChannelOps):
             axes, steps = a.get("axes"), None
         axes = list(range(len(starts))) if axes is None else [int(v) for v in axes]
         steps = [1] * len(starts) if steps is None else [int(v) for v in steps]
+        if [v % 4 for v in axes] == [1] and steps == [1]:  # a range of channels
+            self.out(self.channel_range(x, int(starts[0]), int(ends[0])))
+            return
         shape = self.g.fw_shape(x)
         spec = {}
         for ax, st, en, sp in zip(axes, starts, ends, steps, strict=True):

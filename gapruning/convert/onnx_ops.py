@@ -2,7 +2,8 @@
 
 Grouped and depthwise Conv (``group``), MaxPool with ``ceil_mode=1``, the
 activations HardSwish, HardSigmoid (``alpha=1/6, beta=0.5``), Clip to ``[0, 6]``
-(ReLU6) and Gelu, Mul of two tensors (SiLU's ``x * sigmoid(x)``, a squeeze-and-
+(ReLU6) and Gelu, LayerNormalization over the last axis, Split and Slice of
+channel ranges, Mul of two tensors (SiLU's ``x * sigmoid(x)``, a squeeze-and-
 excitation gate) and Concat of tensors along the channel axis (the last three in
 :mod:`gapruning.convert.onnx` itself, beside their older cases). Each method reads
 the current node through the importer's helpers (``x``, ``const``, ``out``,
@@ -12,6 +13,8 @@ the current node through the importer's helpers (``x``, ``const``, ``out``,
 from __future__ import annotations
 
 import numpy as np
+
+from .nchw_layout import chunk_sizes
 
 
 def ceil_extra(size: int, k: int, s: int, before: int, after: int) -> int:
@@ -81,3 +84,39 @@ class OnnxChannelOps:
                 self.x(), "gelu", name=self.label, approximate=form == "tanh"
             )
         )
+
+    def _LayerNormalization(self, a):
+        """LayerNorm over the last axis (channels of a channels-last map)."""
+        x = self.x()
+        rank = len(self.g.fw_shape(x)) + 1
+        if int(a.get("axis", -1)) % rank != rank - 1:
+            self.fail(f"LayerNormalization over axes from {a.get('axis')} (only -1)")
+        scale, bias = self.const(1), self.const(2, required=False)
+        if bias is None:
+            bias = np.zeros_like(scale)
+        eps = float(a.get("epsilon", 1e-5))
+        self.out(self.g.layernorm(x, scale, bias, epsilon=eps, name=self.label))
+
+    def channel_range(self, x, start: int, end: int):
+        """Channels ``start:end`` of ``x`` (ONNX Slice bounds, clipped)."""
+        c = self.g.fw_shape(x)[0] if x.kind == "map" else 0
+        start, end = (min(max(v + c if v < 0 else v, 0), c) for v in (start, end))
+        if x.kind != "map" or x.layout != "nchw" or end <= start:
+            self.fail(f"Slice of channels {start}:{end} of {self.g.fw_shape(x)}")
+        return self.g.select_channels(x, range(start, end), name=self.label)
+
+    def _Split(self, a):
+        """Consecutive channel ranges (``split`` sizes, or equal parts)."""
+        x, outs = self.x(), list(self.node.output)
+        sizes = self.const(1, required=False) if len(self.node.input) > 1 else None
+        sizes = a.get("split") if sizes is None else sizes
+        c = self.g.fw_shape(x)[0]
+        if sizes is None:
+            sizes = chunk_sizes(c, int(a.get("num_outputs", len(outs))))
+        parts = self.g.split(
+            x, [int(v) for v in np.ravel(sizes)], int(a.get("axis", 0)), name=self.label
+        )
+        if len(parts) != len(outs):
+            self.fail(f"Split into {len(parts)} parts for {len(outs)} outputs")
+        for name, part in zip(outs, parts, strict=True):
+            self.vals[name] = part

@@ -13,6 +13,7 @@ import numpy as np
 
 from .common import pair, sanitize
 from .nchw import NCHWGraph, Val
+from .nchw_layout import chunk_sizes
 from .torch_state import conv_pads, flax_momentum
 
 
@@ -109,19 +110,29 @@ def _conv_module(g: NCHWGraph, mod, target, x, unsupported):
 
 
 def _layernorm_module(g: NCHWGraph, mod, target, x, unsupported):
-    if len(mod.normalized_shape) != 1 or x.kind == "map":
+    norm = (mod.normalized_shape, _np(mod.weight), _np(mod.bias), mod.eps)
+    return layer_norm(g, x, norm, target, f"layer {target!r}", unsupported)
+
+
+def layer_norm(g: NCHWGraph, x, norm, name, what, unsupported):
+    """LayerNorm ``norm = (shape, weight, bias, eps)`` over one axis: the
+    features of a vector or the channels of a channels-last map (missing
+    weight/bias: ones/zeros)."""
+    shape, weight, bias, eps = norm
+    shape = tuple(shape)
+    if len(shape) != 1 or shape[0] != g.fw_shape(x)[-1]:
         unsupported(
-            f"layer {target!r} (LayerNorm{tuple(mod.normalized_shape)} of a tensor "
-            f"of shape {g.fw_shape(x)}; only over the features of a vector)"
+            f"{what} (LayerNorm{shape} of a tensor of shape {g.fw_shape(x)}; only "
+            "over the last axis, the features of a vector or the channels of a "
+            "channels-last map)"
         )
-    c = mod.normalized_shape[0]
-    affine = mod.weight is not None
+    c = shape[0]
     return g.layernorm(
         x,
-        _np(mod.weight) if affine else np.ones(c, np.float32),
-        _np(mod.bias) if mod.bias is not None else np.zeros(c, np.float32),
-        epsilon=mod.eps,
-        name=sanitize(target),
+        np.ones(c, np.float32) if weight is None else weight,
+        np.zeros(c, np.float32) if bias is None else bias,
+        epsilon=eps,
+        name=sanitize(name),
     )
 
 
@@ -200,6 +211,19 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
         if None in pair_or_none(size):
             unsupported(f"call {n.name!r} (adaptive_avg_pool2d to {size})")
         return g.adaptive_avgpool(x, pair(size), name=name)
+    if fn is F.layer_norm:
+        bound = _bind(["input", "normalized_shape", "weight", "bias", "eps"], args, kw)
+        norm = (bound["normalized_shape"], bound.get("weight"), bound.get("bias"))
+        norm += (bound.get("eps", 1e-5),)
+        return layer_norm(g, x, norm, n.name, f"call {n.name!r}", unsupported)
+    if fn in (torch.permute, torch.transpose, torch.chunk, torch.split):
+        if not isinstance(x, Val):
+            unsupported(f"call {n.name!r} ({fn.__name__} of a non-tensor)")
+        return layout_call(g, n, fn.__name__, args, kw, unsupported)
+    if fn is operator.getitem and isinstance(x, (tuple, list)):
+        return x[args[1]]  # a part of a chunk/split, or of x.size()
+    if fn is operator.floordiv and _plain_ints(args):
+        return args[0] // args[1]  # shape arithmetic (channels per group)
     if fn is torch.cat:
         dim = args[1] if len(args) > 1 else kw.get("dim", 0)
         if not all(isinstance(v, Val) for v in x):
@@ -216,6 +240,38 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
     if out is None:
         unsupported(f"call {n.name!r} ({getattr(fn, '__name__', fn)})")
     return out
+
+
+def _bind(names, args, kw) -> dict:
+    """Positional ``args`` named by ``names``, with the keywords ``kw``."""
+    return dict(zip(names, args, strict=False)) | kw
+
+
+def _plain_ints(values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, _Size) for v in values)
+
+
+def layout_call(g: NCHWGraph, n, m, args, kw, unsupported):
+    """``permute``, ``transpose``, ``chunk`` or ``split`` (method or function)."""
+    x, name = args[0], sanitize(n.name)
+    if m == "permute":
+        dims = kw.get("dims", args[1:])
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        return g.permute(x, dims, name=name)
+    if m == "transpose":
+        a = _bind(["input", "dim0", "dim1"], args, kw)
+        return g.transpose(x, a["dim0"], a["dim1"], name=name)
+    c = g.fw_shape(x)[0]  # the channels, where split can apply
+    if m == "chunk":
+        a = _bind(["input", "chunks", "dim"], args, kw)
+        sizes = chunk_sizes(c, a["chunks"])
+    else:
+        a = _bind(["input", "split_size_or_sections", "dim"], args, kw)
+        sizes = a.get("split_size_or_sections", a.get("split_size"))
+        if isinstance(sizes, int):
+            sizes = [min(sizes, c - s) for s in range(0, c, sizes)]
+    return tuple(g.split(x, list(sizes), a.get("dim", 0), name=name))
 
 
 def _function_activation(fn, kw, torch, F) -> tuple[str, dict] | None:
@@ -291,15 +347,15 @@ def _arithmetic(g: NCHWGraph, n, args, kw, unsupported, torch):
         if isinstance(a, Val) and isinstance(b, Val):
             return g.add(a, b, name=name)
         v, c = (a, b) if isinstance(a, Val) else (b, a)
-        if isinstance(c, (int, float)):
-            return g.affine(v, shift=float(c), name=name)
+        if isinstance(c, (int, float, np.ndarray)):
+            return g.affine(v, shift=c, name=name)
     if fn in (operator.mul, torch.mul):
         a, b = args[0], args[1]
         if isinstance(a, Val) and isinstance(b, Val):
             return g.mul(a, b, name=name)
         v, c = (a, b) if isinstance(a, Val) else (b, a)
-        if isinstance(v, Val) and isinstance(c, (int, float)):
-            return g.affine(v, scale=float(c), name=name)
+        if isinstance(v, Val) and isinstance(c, (int, float, np.ndarray)):
+            return g.affine(v, scale=c, name=name)  # a layer scale, a constant
     return None
 
 
@@ -333,7 +389,11 @@ def method_call(g: NCHWGraph, n, args, kw, unsupported):
     if not isinstance(x, Val):
         unsupported(f"method call {n.name!r} (.{m} on a non-tensor)")
     if m == "size":
-        return _Size(-1)
+        return _size(g, x, args[1] if len(args) > 1 else kw.get("dim"))
+    if m == "contiguous":
+        return x
+    if m in ("permute", "transpose", "chunk", "split"):
+        return layout_call(g, n, m, args, kw, unsupported)
     if m in ("relu", "relu_"):
         return g.relu(x, name=name)
     if m in ("sigmoid", "sigmoid_"):
@@ -357,12 +417,13 @@ def method_call(g: NCHWGraph, n, args, kw, unsupported):
         shape = args[1:]
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        total = int(np.prod(g.fw_shape(x)))
-        if (
-            len(shape) == 2
-            and (isinstance(shape[0], _Size) or shape[0] == -1)
-            and shape[1] in (-1, total)
-        ):
-            return g.flatten(x, name=name)
-        unsupported(f"method call {n.name!r} (.{m}{tuple(shape)}; only to 2-D)")
+        if not (isinstance(shape[0], _Size) or shape[0] == -1):
+            unsupported(f"method call {n.name!r} (.{m}{tuple(shape)}; batch changes)")
+        return g.reshape(x, shape, name=name)
     unsupported(f"method call {n.name!r} (.{m})")
+
+
+def _size(g: NCHWGraph, x: Val, dim):
+    """``x.size()`` or ``x.size(dim)``: the batch size is symbolic."""
+    shape = (_Size(-1), *g.fw_shape(x))
+    return shape if dim is None else shape[dim]

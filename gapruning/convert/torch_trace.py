@@ -14,7 +14,6 @@ def trace(module, input_shape, where):
     ``(F,)`` (guessed from a first Linear layer when None)."""
     import torch
     import torch.fx
-    from torch.nn import functional as F
 
     try:
         gm = torch.fx.symbolic_trace(module)
@@ -42,7 +41,8 @@ def trace(module, input_shape, where):
 
     def unsupported(what):
         raise UnsupportedLayerError(
-            f"{where}: unsupported {what} (position {position} in the traced graph)"
+            f"{where}: unsupported {what} (position {position} in the traced "
+            f"graph{module_path(n)})"
         )
 
     for n in fx_nodes:
@@ -57,18 +57,52 @@ def trace(module, input_shape, where):
         position += 1
         args = [arg(a) for a in n.args]
         kw = {k: arg(v) for k, v in n.kwargs.items()}
-        if n.op == "call_module":
-            mod = gm.get_submodule(n.target)
-            vals[n] = module_call(g, mod, str(n.target), args, unsupported)
-        elif n.op == "call_function":
-            vals[n] = function_call(g, n, args, kw, unsupported, torch, F)
-        elif n.op == "call_method":
-            vals[n] = method_call(g, n, args, kw, unsupported)
-        else:
-            unsupported(f"{n.op} {n.target!r}")
+        try:
+            vals[n] = _translate(g, gm, n, args, kw, unsupported)
+        except ConversionError as err:
+            if "traced graph" in str(err):
+                raise
+            raise type(err)(
+                f"{err} (position {position} in the traced graph{module_path(n)})"
+            ) from None
     if not isinstance(out, Val):
         raise UnsupportedLayerError(f"{where}: the module must return one tensor")
     return g.finish(out), g.params
+
+
+def _translate(g, gm, n, args, kw, unsupported):
+    """The value of traced node ``n`` (a call, or a parameter read directly)."""
+    import torch
+    from torch.nn import functional as F
+
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        return module_call(g, mod, str(n.target), args, unsupported)
+    if n.op == "call_function":
+        return function_call(g, n, args, kw, unsupported, torch, F)
+    if n.op == "call_method":
+        return method_call(g, n, args, kw, unsupported)
+    if n.op == "get_attr":  # a parameter used directly (a layer scale)
+        return _attribute(gm, n.target)
+    unsupported(f"{n.op} {n.target!r}")
+
+
+def module_path(n) -> str:
+    """``, in module 'a.b'`` for a traced node made inside submodule ``a.b``."""
+    stack = n.meta.get("nn_module_stack") if n is not None else None
+    if not stack:
+        return ""
+    return f", in module {next(reversed(stack.values()))[0]!r}"
+
+
+def _attribute(gm, target: str):
+    """The module's tensor attribute ``target`` as a float32 array."""
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    if not hasattr(value, "detach"):
+        return value
+    return value.detach().cpu().float().numpy()
 
 
 def _guess_input(gm, fx_nodes, where):

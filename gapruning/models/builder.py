@@ -284,6 +284,20 @@ class GraphBuilder:
         shape = (*shapes[0][:-1], sum(s[-1] for s in shapes))
         return self._add("concat", self._name("concat", name), xs, shape)
 
+    def channel_shuffle(self, x, groups: int, name=None) -> str:
+        """ShuffleNet's channel shuffle in ``groups`` groups; the channels it
+        reads are not prunable."""
+        c = self.shape(x)[-1]
+        if groups < 1 or c % groups:
+            raise ValueError(f"channel_shuffle of {c} channels in {groups} groups")
+        return self._add(
+            "channel_shuffle",
+            self._name("shuffle", name),
+            (x,),
+            self.shape(x),
+            groups=int(groups),
+        )
+
     def channel_map(self, x, features: int, *, stride: int = 1, index=None, name=None):
         """Parameter-free shortcut: spatial subsampling by ``stride``, then output
         channel ``j`` copies input channel ``index[j]`` (``-1``: zeros). The default

@@ -25,6 +25,7 @@ from .layernorm import LayerNorm
 from .linear import Conv, Dense
 from .multiply import Mul
 from .pooling import AdaptiveAvgPool, AvgPool, GlobalAvgPool, MaxPool, apply_pool
+from .shuffle import ChannelShuffle
 from .structure import Add, ChannelMap, Flatten, Input, Mask
 
 __all__ = [
@@ -90,3 +91,4 @@ register_op(Mul())
 register_op(Concat())
 register_op(ConcatMask())
 register_op(LayerNorm())
+register_op(ChannelShuffle())
