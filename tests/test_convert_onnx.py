@@ -450,3 +450,61 @@ def test_erf_read_elsewhere_is_not_fused():
     model.graph.node[-1].input[0] = "e"  # the Erf's value is also read
     with pytest.raises(UnsupportedLayerError, match=r"op Erf in node"):
         from_onnx(model)
+
+
+def split_shuffle_graph(opset: int):
+    """Split of channels (sizes as an input, or ``num_outputs`` at opset 18), a
+    Conv on one part, Concat, Reshape-Transpose-Reshape channel shuffle."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 1, (2, 2, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 1, (3, 4)).astype(np.float32), "fc"),
+        numpy_helper.from_array(np.array([0, 2, 2, 5, 5], np.int64), "groups"),
+        numpy_helper.from_array(np.array([0, 4, 5, 5], np.int64), "back"),
+    ]
+    n = helper.make_node
+    if opset >= 18:
+        split = n("Split", ["x"], ["a", "b"], axis=1, num_outputs=2)
+    else:
+        inits.append(numpy_helper.from_array(np.array([2, 2], np.int64), "sizes"))
+        split = n("Split", ["x", "sizes"], ["a", "b"], axis=1)
+    nodes = [
+        split,
+        n("Conv", ["b", "w"], ["c"], pads=[1, 1, 1, 1]),
+        n("Relu", ["c"], ["r"]),
+        n("Concat", ["a", "r"], ["cat"], axis=1),
+        n("Reshape", ["cat", "groups"], ["g"]),
+        n("Transpose", ["g"], ["t"], perm=[0, 2, 1, 3, 4]),
+        n("Reshape", ["t", "back"], ["s"]),
+        n("Conv", ["s", "fcw"], ["mix"]),
+        n("GlobalAveragePool", ["mix"], ["p"]),
+        n("Flatten", ["p"], ["f"]),
+        n("MatMul", ["f", "fc"], ["y"]),
+    ]
+    inits.append(
+        numpy_helper.from_array(
+            rng.normal(0, 1, (3, 4, 1, 1)).astype(np.float32), "fcw"
+        )
+    )
+    graph = helper.make_graph(
+        nodes,
+        "split_shuffle",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_split_and_channel_shuffle(opset):
+    model = split_shuffle_graph(opset)
+    net = from_onnx(model)
+    x, x_fw = inputs((5, 5, 4))
+    assert rel_diff(flax_out(net, x), ort_out(model.SerializeToString(), x_fw)) < TOL
+    ops = [n.op for n in net.model.nodes]
+    assert ops.count("channel_map") == 2 and "channel_shuffle" in ops
+    assert [g.name for g in net.space.groups] == ["Conv_7"]  # the shuffled are not

@@ -424,6 +424,9 @@ class _Importer(OnnxChannelOps):
         self.out(self.g.permute(self.x(), a.get("perm", []), name=self.label))
 
     def _binary(self, op):
+        if any(i in self.shape_vals for i in self.node.input):
+            self.shape_binary(op)  # chunk sizes: (C + 1) // 2 ...
+            return
         if not self.is_const(0) and not self.is_const(1):
             if op not in ("Add", "Mul"):
                 self.fail(f"{op} of two tensors")
@@ -466,9 +469,9 @@ class _Importer(OnnxChannelOps):
     def _Slice(self, a):
         x = self.x()
         if len(self.node.input) > 1:
-            starts, ends = self.const(1), self.const(2)
-            axes = self.const(3, required=False)
-            steps = self.const(4, required=False)
+            starts, ends = self.int_input(1), self.int_input(2)
+            axes = self.int_input(3, required=False)
+            steps = self.int_input(4, required=False)
         else:
             starts, ends = np.asarray(a["starts"]), np.asarray(a["ends"])
             axes, steps = a.get("axes"), None
@@ -522,7 +525,7 @@ class _Importer(OnnxChannelOps):
 
     # -- shape arithmetic of dynamic-batch exports: x.view(x.size(0), -1)
 
-    def _shape_operand(self, i: int) -> np.ndarray:
+    def shape_operand(self, i: int) -> np.ndarray:
         name = self.node.input[i]
         if name in self.shape_vals:
             return self.shape_vals[name]
@@ -553,7 +556,7 @@ class _Importer(OnnxChannelOps):
             xs = [self.x(i) for i in inputs]
             self.out(self.g.concat(xs, int(a.get("axis", 1)), name=self.label))
             return
-        parts = [self._shape_operand(i).reshape(-1) for i in inputs]
+        parts = [self.shape_operand(i).reshape(-1) for i in inputs]
         self.shape_vals[self.node.output[0]] = np.concatenate(parts)
 
     def _Cast(self, a):

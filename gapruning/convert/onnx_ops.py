@@ -120,3 +120,33 @@ class OnnxChannelOps:
             self.fail(f"Split into {len(parts)} parts for {len(outs)} outputs")
         for name, part in zip(outs, parts, strict=True):
             self.vals[name] = part
+
+    # -- shape arithmetic of exported chunk/split sizes
+
+    def shape_binary(self, op: str):
+        """``Add``/``Sub``/``Mul``/``Div`` of shape values (the batch size, None,
+        stays unknown)."""
+        fns = {
+            "Add": lambda a, b: a + b,
+            "Sub": lambda a, b: a - b,
+            "Mul": lambda a, b: a * b,
+            "Div": lambda a, b: int(a / b),  # integer Div truncates towards 0
+        }
+        if op not in fns:
+            self.fail(f"{op} of shape values")
+        a, b = (self.shape_operand(i) for i in range(2))
+        a, b = np.broadcast_arrays(a, b)
+        out = [
+            None if u is None or v is None else fns[op](int(u), int(v))
+            for u, v in zip(a.ravel(), b.ravel(), strict=True)
+        ]
+        self.shape_vals[self.node.output[0]] = np.asarray(out, object).reshape(a.shape)
+
+    def int_input(self, i: int, required: bool = True):
+        """Input ``i`` as integers: a constant, or a known shape value."""
+        if i < len(self.node.input) and self.node.input[i] in self.shape_vals:
+            v = self.shape_vals[self.node.input[i]]
+            if any(d is None for d in np.ravel(v)):
+                self.fail(f"{self.node.op_type} bounds that depend on the batch size")
+            return np.asarray(v, np.int64)
+        return self.const(i, required)
