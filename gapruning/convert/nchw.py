@@ -182,7 +182,7 @@ class NCHWGraph(LayoutOps):
             x.node, out, use_bias=bias is not None, name=self.name(name)
         )
         self._store(node, self._per_feature(x, weight.T.copy()), bias, out, name)
-        return self._like(x, node)
+        return Val(node, x.kind, layout=x.layout)  # new features: ours in order
 
     def conv(
         self, x: Val, weight, bias, *, strides, pads, name: str, groups: int = 1

@@ -111,6 +111,8 @@ class LayoutOps:
         total = 1
         for d in have:
             total *= d
+        if want == have:
+            return x
         if len(want) == 1 and want[0] in (-1, total) and x.layout in ("nchw", "nhwc"):
             return self.flatten(x, name=name)
         if x.kind == "map" and x.layout == "nchw" and len(want) == 4:

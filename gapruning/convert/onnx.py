@@ -45,7 +45,7 @@ from .common import (
 )
 from .nchw import NCHWGraph, Val
 from .onnx_ops import OnnxChannelOps
-from .onnx_patterns import fuse_gelu
+from .onnx_patterns import fuse_gelu, fuse_restride
 
 
 def from_onnx(
@@ -130,7 +130,7 @@ class _Importer(OnnxChannelOps):
         self.vals: dict[str, Val] = {}
         self.shape_vals: dict[str, np.ndarray] = {}  # shape arithmetic; None=batch
         outputs = [o.name for o in graph.output]
-        self.nodes = fuse_gelu(list(graph.node), consts, outputs)
+        self.nodes = fuse_gelu(fuse_restride(list(graph.node), consts), consts, outputs)
         self.uses: dict[str, int] = {}
         for n in self.nodes:
             for i in n.input:

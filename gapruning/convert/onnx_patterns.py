@@ -5,6 +5,11 @@ GELU: exporters targeting opsets without the ``Gelu`` op (torch's, below opset
 ``1/sqrt(2)``), ``Erf``, ``Add`` of 1 and two ``Mul`` (by ``x`` and by 0.5, in
 either order, or ``x`` times 0.5 first). Each such chain whose intermediate
 values have no other reader becomes one ``Gelu`` node.
+
+Restriding: torch's dynamo exporter writes an ``as_strided`` that changes nothing
+(after ``adaptive_avg_pool2d``) as a ``Reshape`` to ``[-1]`` and a ``Gather`` of
+the indices ``0, 1, ..., n - 1`` laid out in some shape: that is a ``Reshape``
+to the shape.
 """
 
 from __future__ import annotations
@@ -101,6 +106,36 @@ class _Chain:
         ):
             return [m1, m2]
         return None
+
+
+def fuse_restride(nodes, consts: dict) -> list:
+    """``nodes`` with each ``Reshape(x, [-1])`` read only by a ``Gather`` (axis
+    0) of ``arange(n)`` in shape ``S`` replaced by one ``Reshape(x, S)`` (the
+    shape is added to ``consts``)."""
+    from onnx import helper
+
+    values = constant_values(nodes, consts)
+    chain = _Chain(nodes, values, ())
+    replace, drop = {}, set()
+    for n in nodes:
+        shape = values.get(n.input[1]) if n.op_type == "Reshape" else None
+        if shape is None or np.asarray(shape).tolist() != [-1]:
+            continue
+        gather = chain.sole_reader(n.output[0], "Gather")
+        if gather is None or any(a.name == "axis" and a.i for a in gather.attribute):
+            continue
+        index = values.get(gather.input[1])
+        if index is None:
+            continue
+        if not np.array_equal(np.ravel(index), np.arange(np.size(index))):
+            continue
+        target = f"{gather.output[0]}.shape"
+        consts[target] = np.asarray(np.shape(index), np.int64)
+        drop.add(id(n))
+        replace[id(gather)] = helper.make_node(
+            "Reshape", [n.input[0], target], [gather.output[0]], name=gather.name
+        )
+    return [replace.get(id(n), n) for n in nodes if id(n) not in drop]
 
 
 def fuse_gelu(nodes, consts: dict, outputs) -> list:
