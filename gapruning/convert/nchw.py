@@ -18,13 +18,17 @@ How the layouts are reconciled:
   tensor directly;
 * strided spatial slicing and channel gathering/zero-padding (shortcut branches)
   become one ``channel_map`` node;
-* a multiplication or addition by a per-channel constant becomes an affine
-  BatchNorm with identity statistics (``mean 0, var 1, epsilon 0``), or is folded
-  into the bias of the Dense/Conv that produced the tensor.
+* a multiplication or addition by a per-channel constant (a layer scale) becomes
+  an affine BatchNorm with identity statistics (``mean 0, var 1, epsilon 0``), or
+  is folded into the bias of the Dense/Conv that produced the tensor;
+* permutes to channels-last and back, channel-group views (channel shuffle) and
+  channel splits change only how the framework sees a tensor
+  (:mod:`~gapruning.convert.nchw_layout`): a dense layer on a channels-last map
+  is a 1x1 convolution, a LayerNorm there normalizes the channels.
 
 Limits: only vector outputs (a flattened feature map with more than one position
 and channel cannot be the model's output, its order would differ); dense layers
-read vectors only.
+read vectors and channels-last maps only.
 """
 
 from __future__ import annotations
