@@ -347,7 +347,7 @@ def _arithmetic(g: NCHWGraph, n, args, kw, unsupported, torch):
         if isinstance(a, Val) and isinstance(b, Val):
             return g.add(a, b, name=name)
         v, c = (a, b) if isinstance(a, Val) else (b, a)
-        if isinstance(c, (int, float, np.ndarray)):
+        if isinstance(v, Val) and isinstance(c, (int, float, np.ndarray)):
             return g.affine(v, shift=c, name=name)
     if fn in (operator.mul, torch.mul):
         a, b = args[0], args[1]
