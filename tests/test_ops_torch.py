@@ -138,6 +138,26 @@ class CeilPool(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class ChannelsLast(nn.Module):
+    """timm's ConvNeXt idioms: LayerNorm, Linear layers and a per-channel scale of
+    shape ``(C,)`` on a channels-last map, added back to the NCHW map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.LayerNorm(6)
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 6)
+        self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        y = self.fc2(F.gelu(self.fc1(self.norm(x.permute(0, 2, 3, 1)))))
+        x = x + (self.gamma * y).permute(0, 3, 1, 2)
+        return self.head(x.mean([2, 3]))
+
+
 def _randomize(module, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -156,6 +176,7 @@ CASES = {
     "ceil_pool": (CeilPool, (10, 10, 2)),
     "inception": (Inception, (8, 8, 3)),
     "mean_head": (MeanHead, (6, 6, 3)),
+    "channels_last": (ChannelsLast, (6, 6, 3)),
 }
 
 
@@ -209,6 +230,8 @@ def test_groups_follow_the_couplings():
     assert [g.name for g in space.groups] == ["fc1"]
     _, net, _ = _converted("inception")
     assert {g.name for g in net.space.groups} == {"stem", "b1", "b2_0", "b2_2", "conv"}
+    _, net, _ = _converted("channels_last")  # the LayerNorm fixes the stream
+    assert [(g.name, g.size) for g in net.space.groups] == [("fc1", 12)]
 
 
 def test_unsupported_layers_fail_naming_them():
