@@ -20,8 +20,11 @@ Two routes:
   Hardsigmoid, SiLU, GELU, Sigmoid, Softmax, MaxPool2d (ceil mode too),
   AvgPool2d (no ceil mode), AdaptiveAvgPool2d (any output size),
   Flatten/``torch.flatten``/``view``/``reshape`` to 2-D, Dropout, Identity,
-  residual ``+``, the product of two tensors (squeeze-excite gates) and
-  ``torch.cat`` along channels; projection shortcuts are ordinary
+  residual ``+``, the product of two tensors (squeeze-excite gates),
+  ``torch.cat`` along channels, permutes between NCHW and NHWC (LayerNorm,
+  Linear and per-channel parameters such as layer scales on channels-last
+  maps: ConvNeXt), ``chunk``/``split`` of channels and the view-transpose-view
+  channel shuffle (ShuffleNetV2); projection shortcuts are ordinary
   Conv2d+BatchNorm branches.
   A bare state dict has no architecture and needs ``arch``.
 
