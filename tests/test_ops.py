@@ -345,7 +345,9 @@ def test_population_fitness_matches_one_individual_at_a_time(op):
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("op", ["concat", "gelu", "adaptive_avgpool", "dwconv"])
+@pytest.mark.parametrize(
+    "op", ["concat", "gelu", "adaptive_avgpool", "dwconv", "channel_shuffle"]
+)
 def test_save_and_load_keep_the_op(op, tmp_path):
     net = network(op)
     small = gp.compact(net, random_masks(net.space))
