@@ -44,7 +44,9 @@ weights in place after making probes does not invalidate the cache: pass
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
 import weakref
 
@@ -55,6 +57,7 @@ import optax
 from flax import nnx
 
 from .models import Net, Node
+from .progress import format_seconds
 from .zoo import Pretrained
 
 PROBE_KINDS = ("gaussian", "uniform", "bn_stats", "inversion")
@@ -68,6 +71,7 @@ DEFAULT_JITTER = {"bn_stats": 0, "inversion": 2}
 DEFAULT_MOMENT = {"bn_stats": 0.0, "inversion": 30.0}
 
 _CACHE: dict = {}
+log = logging.getLogger(__name__)
 
 
 class ProbeError(ValueError):
@@ -485,7 +489,15 @@ def _generate(pretrained: Pretrained, kind: str, num: int, seed: int, cfg: dict)
         raise ProbeError(f"batch_size must be at least 2, got {bs}")
     batches = -(-num // bs)
     start = _gaussian(pretrained, key, batches * bs)  # = "gaussian" probes
-    out = []
+    out, t0 = [], time.perf_counter()
+    log.info(
+        "making %d %s probes of %s: %d batch(es) of %d steps",
+        num,
+        kind,
+        pretrained.name,
+        batches,
+        cfg["steps"],
+    )
     for b in range(batches):
         targets = (jnp.arange(bs) + b * bs) % pretrained.model.num_outputs
         x, _ = _optimise(
@@ -497,6 +509,14 @@ def _generate(pretrained: Pretrained, kind: str, num: int, seed: int, cfg: dict)
             jax.random.fold_in(key, b + 1),
         )
         out.append(x)
+        if b == 0 and batches > 1:
+            jax.block_until_ready(x)
+            first = time.perf_counter() - t0
+            log.info(
+                "  first batch in %s (with compilation); about %s for all",
+                format_seconds(first),
+                format_seconds(first * batches),
+            )
     return jnp.concatenate(out)[:num]
 
 

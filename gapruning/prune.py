@@ -15,6 +15,7 @@ Nothing here reads a dataset.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,8 @@ from .encoding import Budget
 from .methods import METHODS, MethodContext, MethodResult, run_method
 from .methods.engine_search import engine_search
 from .zoo import Pretrained, check_finite, load
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -245,6 +248,7 @@ def repaired(found: MethodResult, config: PruneConfig) -> Pretrained:
     """``found.net`` repaired for ``found.masks`` as ``config`` asks (or as is)."""
     if config.repair_method is None:
         return found.net
+    log.info("repairing %s (%s)", found.net.name, config.repair_method)
     return recover_lib.repair(
         found.net, found.masks, method=config.repair_method, **repair_options(config)
     )

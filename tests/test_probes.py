@@ -1,5 +1,6 @@
 """Data-free probes: kinds, caching, BatchNorm matching, validation, report."""
 
+import logging
 import warnings
 
 import jax
@@ -182,3 +183,20 @@ def test_optimised_probes_are_deterministic_by_seed(lenet300, bn_net, kind):
     a, b, c = make(3), make(3), make(4)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+def test_optimised_probes_log_what_they_make_and_the_expected_time(bn_net, caplog):
+    """Optimised kinds can take minutes on a CPU: they say so (the CLI prints the
+    ``gapruning`` logger's INFO lines), with the time the first batch took."""
+    with caplog.at_level(logging.INFO, logger="gapruning"):
+        gp.make_probes(bn_net, "bn_stats", 8, steps=2, batch_size=4, cache=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "gapruning.probes"]
+    assert (
+        lines[0] == f"making 8 bn_stats probes of {bn_net.name}: 2 batch(es) of 2 steps"
+    )
+    assert lines[1].startswith("  first batch in ") and " for all" in lines[1]
+    assert len(lines) == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gapruning"):
+        gp.make_probes(bn_net, "gaussian", 8, cache=False)
+    assert not [r for r in caplog.records if r.name == "gapruning.probes"]

@@ -20,6 +20,7 @@ import gapruning as gp
 from gapruning import recover
 from gapruning.augment import shift_flip
 from gapruning.models import GraphBuilder
+from gapruning.progress import format_seconds
 
 pytestmark = pytest.mark.usefixtures("no_datasets")
 
@@ -587,14 +588,15 @@ def test_distill_augments_image_probes_with_shifts_and_flips(monkeypatch):
 
     monkeypatch.setattr(recover.distillation, "shift_flip", recording)
     augmented = recover.distill(small, net, batch_size=16, **kw)
-    assert calls == [((16, 6, 6, 2), -1.0)]  # traced once, jitted step
+    # the check views (all 64 probes, eagerly), then traced once in the jitted step
+    assert calls == [((64, 6, 6, 2), -1.0), ((16, 6, 6, 2), -1.0)]
     assert augmented.card["distill"]["augment"] is True
     plain = recover.distill(small, net, augment=False, batch_size=16, **kw)
-    assert len(calls) == 1 and plain.card["distill"]["augment"] is False
+    assert len(calls) == 2 and plain.card["distill"]["augment"] is False
     kernel = lambda m: np.asarray(m.model.layers["c1"].kernel[...])  # noqa: E731
     assert not np.allclose(kernel(augmented), kernel(plain))
     flat = recover.distill(tiny_mlp(), tiny_mlp(), steps=1)
-    assert len(calls) == 1 and flat.card["distill"]["augment"] is False
+    assert len(calls) == 2 and flat.card["distill"]["augment"] is False
     with pytest.raises(recover.RecoverError, match="image inputs"):
         recover.distill(tiny_mlp(), tiny_mlp(), steps=1, augment=True)
 
@@ -741,10 +743,11 @@ def test_cli_repair_and_distill_flags(tmp_path, monkeypatch):
     assert pruned.card["repair"]["method"] == "cosine"
 
 
-def test_cli_default_recovery_repairs_then_distills(tmp_path):
+def test_cli_default_recovery_repairs_then_distills(tmp_path, capsys):
     """Without recovery flags the result gets the default recovery: least
     squares, then as many distillation steps as the search's probe evaluations
-    pay for; --no-recover keeps the found weights."""
+    pay for, each stage named as it starts (unless --quiet); --no-recover keeps
+    the found weights."""
     import json
 
     from gapruning import cli, zoo
@@ -754,7 +757,11 @@ def test_cli_default_recovery_repairs_then_distills(tmp_path):
     zoo.save(net, tmp_path / "mlp")
     base = ["prune", "--model", str(tmp_path / "mlp"), "--target", "0.5"]
     sizes = ["--generations", "60", "--population", "8", "--num-probes", "512"]
-    cli.main([*base, *sizes, "--out", str(tmp_path / "run"), "--quiet"])
+    capsys.readouterr()
+    cli.main([*base, *sizes, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert f"repairing {net.name} (lstsq)" in err
+    assert "inversion probes of" in err and "for all" in err
     card = gp.load(tmp_path / "run" / "model").card
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     steps = default_distill_steps(net, report["search"]["evaluations"] * 512)
@@ -762,6 +769,7 @@ def test_cli_default_recovery_repairs_then_distills(tmp_path):
     assert card["repair"]["method"] == "lstsq"
     plain = [*base, *sizes, "--no-recover", "--out", str(tmp_path / "plain")]
     cli.main([*plain, "--quiet"])
+    assert "probes of" not in capsys.readouterr().err
     card = gp.load(tmp_path / "plain" / "model").card
     assert "repair" not in card and "distill" not in card
 
@@ -824,5 +832,5 @@ def test_distill_prints_its_expected_time_after_two_steps(monkeypatch):
     assert [timer.estimate(i) for i in range(3)] == [None] * 3
     # 24 s so far, then 300 more steps at 2 s each
     assert timer.estimate(3) == "distill: 304 steps, about 10.4 min in all"
-    assert distillation.format_seconds(42) == "42 s"
-    assert distillation.format_seconds(3 * 3600) == "3.0 h"
+    assert format_seconds(42) == "42 s"
+    assert format_seconds(3 * 3600) == "3.0 h"

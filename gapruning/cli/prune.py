@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import shutil
+import sys
 from pathlib import Path
 
 from .common import UsageError
@@ -162,11 +165,45 @@ def _prune_into(args, out: Path) -> None:
         out / "checkpoints" if (args.checkpoint_every or args.resume) else None
     )
     strategy, strategy_options = _strategy(args, net)
-    result = prune(
-        net,
-        strategy,
-        args.target,
-        args.budget,
+    with messages_shown(not args.quiet):
+        result = prune(
+            net,
+            strategy,
+            strategy_options=strategy_options,
+            **_prune_options(args, checkpoints),
+        )
+    report = write_run(result, out, overwrite=True)
+    p, f = report["params"], report["flops"]
+    print(
+        f"pruned {net.name}: params {p['before']:,} -> {p['after']:,}, "
+        f"FLOPs {f['before']:,} -> {f['after']:,}; wrote {out}/"
+    )
+
+
+@contextlib.contextmanager
+def messages_shown(enabled: bool):
+    """Inside, the library's INFO messages (probe generation, repair) are
+    printed to stderr as plain lines."""
+    if not enabled:
+        yield
+        return
+    logger, level = logging.getLogger("gapruning"), logging.getLogger("gapruning").level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _prune_options(args, checkpoints) -> dict:
+    """``gp.prune``'s keyword arguments from the command line."""
+    return dict(
+        target=args.target,
+        budget=args.budget,
         fitness=args.fitness,
         generations=args.generations,
         population=args.population,
@@ -187,13 +224,6 @@ def _prune_into(args, out: Path) -> None:
         recover_options=(
             {"distill": {"steps": args.distill_steps}} if args.distill_steps else {}
         ),
-        strategy_options=strategy_options,
-    )
-    report = write_run(result, out, overwrite=True)
-    p, f = report["params"], report["flops"]
-    print(
-        f"pruned {net.name}: params {p['before']:,} -> {p['after']:,}, "
-        f"FLOPs {f['before']:,} -> {f['after']:,}; wrote {out}/"
     )
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 from ..augment import shift_flip
 from ..models import consumers
 from ..probes import batchnorm_nodes, make_probes
+from ..progress import format_seconds
 from ..zoo import Pretrained
 from .adversarial import distill_loss, kl, push
 from .batchnorm import recalibrate_batchnorm
@@ -312,15 +313,6 @@ class StepTimer:
         return f"distill: {self.steps} steps, about {format_seconds(total)} in all"
 
 
-def format_seconds(seconds: float) -> str:
-    """``"42 s"``, ``"3.5 min"`` or ``"1.2 h"``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def distill(
     pruned: Pretrained,
     teacher: Pretrained,
@@ -339,8 +331,9 @@ def distill(
     refreshed inside the step (augmented, mixed up, pushed towards disagreement:
     see :class:`DistillConfig`). BatchNorm layers are in inference mode. Settings
     left at ``None`` follow the teacher (:meth:`DistillConfig.for_teacher`). A
-    RuntimeWarning says when training ends with a KL on the probes more than 1%
-    above the one it started with.
+    RuntimeWarning says when training ends with a KL more than 1% above the one it
+    started with, both on the probes augmented as in training
+    (:func:`check_views`).
 
     Args:
         pruned: the compacted network (the student); not modified.
@@ -360,7 +353,7 @@ def distill(
 
     Returns:
         A new :class:`Pretrained` with the trained weights; its card records the
-        distillation settings and the KL before/after on the last probes.
+        distillation settings and the KL before/after on the check views.
     """
     import optax
 
@@ -381,27 +374,41 @@ def distill(
     graphdef, params, rest = nnx.split(student.model, nnx.Param, ...)
     t_graph, t_state = nnx.split(teacher.model)
     ctx = StepContext(graphdef, t_graph, tx, c, taps, keep, teacher.input_box)
-    before = distill_loss(student, teacher, x, c.temperature)
+    views = check_views(ctx, t_state, x)
+    before = distill_loss(student, teacher, views, c.temperature)
     new_probes = None
     if c.regenerate and kinds is not None:
         new_probes = functools.partial(probe_set, teacher, probes, kinds, c)
     state = (params, rest, t_state)
     params, x = train(ctx, state, x, new_probes, progress, pruned.name)
     student.model = nnx.merge(graphdef, params, rest)
-    student.card = distill_card(student, teacher, c, kinds, x, before, optimizer)
+    student.card = distill_card(student, teacher, c, kinds, views, before, optimizer)
     return student
 
 
-def distill_card(student, teacher, c: DistillConfig, kinds, x, before, optimizer):
+def check_views(ctx: StepContext, t_state, x) -> jax.Array:
+    """The first probes as training sees them (shifted and flipped, mixed up; no
+    push), drawn with a key no step uses: where the KL before and after is
+    measured. The clean probes can be the very inputs a repair was fitted on, so
+    their KL would rise under any training that generalises."""
+    plain = dataclasses.replace(
+        ctx, config=dataclasses.replace(ctx.config, adversarial=0)
+    )
+    key = jax.random.fold_in(jax.random.key(ctx.config.seed), 2**31 - 2)
+    return probe_batch(plain, None, None, t_state, x, jnp.arange(len(x)), key)
+
+
+def distill_card(student, teacher, c: DistillConfig, kinds, views, before, optimizer):
     """The student's card with ``"distill"``: the settings and the KL before and
-    after on the last probes; warns when training raised that KL."""
-    after = distill_loss(student, teacher, x, c.temperature)
+    after on the check views (:func:`check_views`); warns when training raised
+    that KL."""
+    after = distill_loss(student, teacher, views, c.temperature)
     card = dict(student.card)
     card["distill"] = {
         "steps": int(c.steps),
         "temperature": float(c.temperature),
         "probes": "+".join(kinds) if kinds else "array",
-        "num_probes": int(len(x)),
+        "num_probes": int(len(views)),
         "feature_weight": float(c.feature_weight),
         "adversarial": int(c.adversarial),
         "adversarial_step": float(c.adversarial_step),
@@ -414,7 +421,8 @@ def distill_card(student, teacher, c: DistillConfig, kinds, x, before, optimizer
     }
     if not after <= 1.01 * before + 1e-4:  # beyond rounding: the training hurt
         warnings.warn(
-            f"distillation raised the KL on the probes from {before:.4g} to "
+            f"distillation raised the KL on the probes (augmented as in training) "
+            f"from {before:.4g} to "
             f"{after:.4g}; try a lower learning_rate or fewer adversarial steps",
             RuntimeWarning,
             stacklevel=3,
