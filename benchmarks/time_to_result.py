@@ -314,26 +314,35 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Runs the cases one by one, writing the results after each (a stopped run
+    keeps the cases it finished)."""
     args = parse(argv)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
     new = {
         "machine": machine(),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "cases": [run_case(m, args) for m in args.models],
+        "settings": json.loads(json.dumps(settings, default=str)),
+        "cases": [],
     }
-    new["settings"] = json.loads(json.dumps(new["settings"], default=str))
     stem = args.out
     old = (
         json.loads(stem.with_suffix(".json").read_text())
         if stem.with_suffix(".json").exists() and not args.quick
         else None
     )
-    report = merge(old, new)
+    for model in args.models:
+        new["cases"].append(run_case(model, args))
+        report = merge(old, new)
+        write(report, stem)
+    print(markdown(report))
+    return 0
+
+
+def write(report: dict, stem: Path) -> None:
+    """``stem.{json,md,png}``, each written whole or not at all."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
     write_text_atomic(stem.with_suffix(".md"), markdown(report))
     plot(report, stem.with_suffix(".png"))
-    print(markdown(report))
-    return 0
 
 
 if __name__ == "__main__":
