@@ -23,6 +23,7 @@ L = keras.layers
 
 
 Z = {"kernel_initializer": "zeros"}  # Keras' random initialisers compile slowly
+DZ = {"depthwise_initializer": "zeros"}
 
 
 def randomize(model, seed=1):
@@ -33,11 +34,15 @@ def randomize(model, seed=1):
             role, shape = w.path.split("/")[-1], tuple(w.shape)
             if role == "kernel":
                 value = rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape)
-            elif role in ("gamma", "moving_variance"):
+            elif role in ("gamma", "moving_variance", "variance"):
                 value = rng.uniform(0.5, 1.5, shape)
+            elif role == "count":
+                continue
             else:  # bias, beta, moving_mean
                 value = rng.normal(0, 0.3, shape)
             w.assign(value.astype(np.float32))
+        if isinstance(layer, L.Normalization):
+            layer.finalize_state()  # its call reads copies made from the weights
     return model
 
 
@@ -113,11 +118,85 @@ def keras_resnet():
     return randomize(keras.Model(inp, out))
 
 
+def keras_mobile():
+    """MobileNetV2/V3-style: Rescaling, ZeroPadding2D before valid stride-2 and
+    depthwise convolutions, ReLU6, hard_swish, an SE block gated by V3's
+    ``relu6(x + 3) * (1 / 6)`` (Keras ops), a residual, silu and gelu heads."""
+    inp = keras.Input((10, 10, 3))
+    x = L.Rescaling(1 / 127.5, offset=-1.0)(inp)
+    x = L.ZeroPadding2D(((0, 1), (0, 1)))(x)
+    x = L.Conv2D(8, 3, strides=2, use_bias=False, name="stem", **Z)(x)
+    stem = L.ReLU(6.0)(L.BatchNormalization()(x))
+    h = L.Conv2D(16, 1, name="expand", **Z)(stem)
+    h = L.Activation("hard_swish")(L.BatchNormalization()(h))
+    h = L.ZeroPadding2D(1)(h)
+    h = L.DepthwiseConv2D(3, use_bias=False, name="dw", **DZ)(h)
+    h = L.Activation("relu6")(L.BatchNormalization()(h))
+    s = L.GlobalAveragePooling2D(keepdims=True)(h)
+    s = L.Conv2D(4, 1, activation="relu", name="squeeze", **Z)(s)
+    s = L.Conv2D(16, 1, name="excite", **Z)(s)
+    s = L.ReLU(6.0)(s + 3.0) * (1.0 / 6.0)
+    h = L.Multiply(name="se_mul")([h, s])
+    h = L.BatchNormalization()(L.Conv2D(8, 1, name="project", **Z)(h))
+    x = L.Add(name="res")([stem, h])
+    x = L.Conv2D(12, 1, activation="silu", name="head", **Z)(x)
+    x = L.GlobalAveragePooling2D()(x)
+    x = L.Dense(6, activation="gelu", name="fc", **Z)(x)
+    return randomize(keras.Model(inp, L.Dense(5, name="out", **Z)(x)))
+
+
+def keras_efficient():
+    """EfficientNet-style: Normalization, a depth-multiplier-2 depthwise conv, an
+    SE gate through Reshape((1, 1, C)) with swish and sigmoid, hard_sigmoid, a
+    grouped conv, Dropout with a noise shape."""
+    inp = keras.Input((8, 8, 3))
+    x = L.Normalization(axis=-1, name="norm")(inp)
+    x = L.Conv2D(6, 3, padding="same", activation="swish", name="stem", **Z)(x)
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw2", **DZ)(x)
+    x = L.BatchNormalization()(x)
+    s = L.GlobalAveragePooling2D()(x)
+    s = L.Reshape((1, 1, 12))(s)
+    s = L.Conv2D(3, 1, activation="swish", name="squeeze", **Z)(s)
+    s = L.Conv2D(12, 1, activation="sigmoid", name="excite", **Z)(s)
+    x = L.Multiply(name="se_mul")([s, x])
+    x = L.Dropout(0.2, noise_shape=(None, 1, 1, 1))(x)
+    x = L.Conv2D(8, 1, groups=2, activation="hard_sigmoid", name="grouped", **Z)(x)
+    x = L.Conv2D(10, 3, strides=2, name="conv", **Z)(x)
+    x = L.Flatten()(x)
+    return randomize(keras.Model(inp, L.Dense(4, name="out", **Z)(x)))
+
+
+def keras_densenet():
+    """DenseNet/ResNet-style stems and blocks: ZeroPadding2D before a 7x7 valid
+    conv and before a max pool, Concatenate, average pooling, LayerNormalization,
+    a channels-last Dense, MobileNet's 1x1-conv head on a (1, 1, C) tensor."""
+    inp = keras.Input((12, 12, 3))
+    x = L.ZeroPadding2D(3)(inp)
+    x = L.Conv2D(8, 7, strides=2, name="stem", **Z)(x)
+    x = L.Activation("relu")(L.BatchNormalization()(x))
+    x = L.ZeroPadding2D(((1, 1), (1, 1)))(x)
+    x = L.MaxPooling2D(3, strides=2)(x)
+    for i in range(2):
+        h = L.Activation("relu")(L.BatchNormalization()(x))
+        h = L.Conv2D(4, 3, padding="same", name=f"grow{i}", **Z)(h)
+        x = L.Concatenate(name=f"cat{i}")([x, h])
+    x = L.Conv2D(8, 1, name="transition", **Z)(x)
+    x = L.AveragePooling2D(2, strides=1)(x)
+    x = L.LayerNormalization(name="ln")(x)
+    x = L.Dense(6, activation="relu", name="mlp", **Z)(x)
+    x = L.GlobalAveragePooling2D(keepdims=True)(x)
+    x = L.Conv2D(5, 1, name="logits", **Z)(x)
+    return randomize(keras.Model(inp, L.Reshape((5,))(x)))
+
+
 MODELS = {
     "mlp": (keras_mlp, (28, 28, 1)),
     "lenet5": (keras_lenet5, (28, 28, 1)),
     "vgg-bn": (keras_vgg, (20, 20, 3)),
     "resnet-projection": (keras_resnet, (12, 12, 2)),
+    "mobile": (keras_mobile, (10, 10, 3)),
+    "efficient": (keras_efficient, (8, 8, 3)),
+    "densenet": (keras_densenet, (12, 12, 3)),
 }
 
 
