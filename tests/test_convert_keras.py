@@ -11,6 +11,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 keras = pytest.importorskip("keras")
 from convert_nets import TOL, flax_out, inputs, rel_diff  # noqa: E402
 
+import gapruning as gp  # noqa: E402
 from gapruning.convert import (  # noqa: E402
     ModelFormatError,
     ShapeMismatchError,
@@ -135,7 +136,7 @@ def keras_mobile():
     s = L.GlobalAveragePooling2D(keepdims=True)(h)
     s = L.Conv2D(4, 1, activation="relu", name="squeeze", **Z)(s)
     s = L.Conv2D(16, 1, name="excite", **Z)(s)
-    s = L.ReLU(6.0)(s + 3.0) * (1.0 / 6.0)
+    s = L.ReLU(6.0, name="gate_relu6")(s + 3.0) * (1.0 / 6.0)
     h = L.Multiply(name="se_mul")([h, s])
     h = L.BatchNormalization()(L.Conv2D(8, 1, name="project", **Z)(h))
     x = L.Add(name="res")([stem, h])
@@ -175,7 +176,7 @@ def keras_densenet():
     x = L.Conv2D(8, 7, strides=2, name="stem", **Z)(x)
     x = L.Activation("relu")(L.BatchNormalization()(x))
     x = L.ZeroPadding2D(((1, 1), (1, 1)))(x)
-    x = L.MaxPooling2D(3, strides=2)(x)
+    x = L.MaxPooling2D(3, strides=2, name="pool")(x)
     for i in range(2):
         h = L.Activation("relu")(L.BatchNormalization()(x))
         h = L.Conv2D(4, 3, padding="same", name=f"grow{i}", **Z)(h)
@@ -253,6 +254,82 @@ def test_softmax_output_is_not_prunable(saved):
     assert spaces.space_of[net.model.nodes[-2].name] not in spaces.prunable
     assert len(net.model.masks) == 4  # conv, conv, dense, dense: not the last one
     assert net.model.nodes[-2].name not in net.model.masks
+
+
+NEW_LAYERS = ("mobile", "efficient", "densenet")
+
+
+@pytest.mark.parametrize("name", NEW_LAYERS)
+def test_new_layers_compact_exactly(saved, name):
+    """Random unit masks: the compacted model computes the masked model's outputs
+    and has exactly the parameters the space counts."""
+    _, root, x, _ = saved[name]
+    net = from_keras(root / f"{name}.keras")
+    rng = np.random.default_rng(0)
+    masks = {}
+    for g in net.space.groups:
+        m = rng.random(g.size) < 0.5
+        m[0] = True
+        masks[g.name] = m
+    small = gp.compact(net, masks)
+    want = np.asarray(gp.masked_apply(net, masks, x))
+    assert rel_diff(flax_out(small, x), want) <= TOL
+    assert gp.param_count(small) == net.space.params(masks) < net.space.dense_params
+
+
+def test_new_layers_groups_follow_the_couplings(saved):
+    """MobileNet-style: the depthwise conv and the SE gate's excite conv are
+    pruned with the expansion, the squeeze conv is a group of its own, the
+    residual ties the stem and the projection. EfficientNet-style: grouped convs
+    (depth multiplier 2 too) leave their inputs unprunable. DenseNet-style:
+    concatenated pieces keep their groups, LayerNorm's input is not prunable."""
+    ops, spaces, nets = {}, {}, {}
+    for name in NEW_LAYERS:
+        net = nets[name] = from_keras(saved[name][1] / f"{name}.keras")
+        ops[name] = {n.name: n.op for n in net.model.nodes}
+        spaces[name] = net.space
+    sp = spaces["mobile"]
+    assert [g.name for g in sp.groups] == ["stem", "expand", "squeeze", "head", "fc"]
+    assert sp.group_of("dw") == sp.group_of("excite") == "expand"
+    assert sp.group_of("se_mul") == "expand"
+    assert sp.group_of("project") == sp.group_of("res") == "stem"
+    assert {"dwconv", "relu6", "hardswish", "mul", "silu", "gelu"} <= set(
+        ops["mobile"].values()
+    )
+    # relu6(x + 3) * (1 / 6) of Keras ops: one hard sigmoid, no affine maps
+    (hard,) = [n for n in nets["mobile"].model.nodes if n.op == "hardsigmoid"]
+    assert hard.inputs == ("excite",) and "gate_relu6" not in ops["mobile"]
+    assert ops["mobile"]["rescaling"] == "batchnorm"
+    sp = spaces["efficient"]
+    assert [g.name for g in sp.groups] == ["squeeze", "conv"]
+    assert ops["efficient"]["dw2"] == ops["efficient"]["grouped"] == "grouped_conv"
+    assert {"hardsigmoid", "sigmoid", "silu", "mul"} <= set(ops["efficient"].values())
+    sp = spaces["densenet"]
+    assert [g.name for g in sp.groups] == ["stem", "grow0", "grow1", "mlp"]
+    assert sp.pieces_of("cat1") == ("cat0", "grow1")
+    assert sp.pieces_of("cat0") == ("pool", "grow0")
+    assert sp.group_of("transition") is None and ops["densenet"]["ln"] == "layernorm"
+    assert ops["densenet"]["mlp"] == "conv" and ops["densenet"]["logits"] == "dense"
+
+
+def test_new_layers_prune_with_the_ga(saved):
+    _, root, x, _ = saved["mobile"]
+    net = from_keras(root / "mobile.keras")
+    result = gp.prune(
+        net,
+        budget="flops",
+        target=0.5,
+        generations=1,
+        population=4,
+        num_probes=4,
+        progress=False,
+        recover=(),
+    )
+    space = net.space
+    assert space.flops(result.masks) <= 0.5 * space.dense_flops
+    assert gp.param_count(result.pruned) == space.params(result.masks)
+    want = gp.masked_apply(net, result.masks, x)
+    assert rel_diff(flax_out(result.pruned, x), want) <= TOL
 
 
 # ------------------------------------------------------------------ Keras 2 files
@@ -345,17 +422,62 @@ def test_unsupported_layer_named_with_position(tmp_path):
         [
             keras.Input((6,)),
             L.Dense(4, **Z),
-            L.LayerNormalization(name="ln"),
+            L.LeakyReLU(name="leaky"),
             L.Dense(2, **Z),
         ]
     )
-    model.save(tmp_path / "ln.keras")
-    with pytest.raises(UnsupportedLayerError, match=r"'ln' \(position 1\).*LayerNorm"):
-        from_keras(tmp_path / "ln.keras")
+    model.save(tmp_path / "leaky.keras")
+    with pytest.raises(
+        UnsupportedLayerError, match=r"'leaky' \(position 1\).*class LeakyReLU"
+    ):
+        from_keras(tmp_path / "leaky.keras")
     model = keras.Sequential([keras.Input((6,)), L.Dense(4, activation="tanh", **Z)])
     model.save(tmp_path / "tanh.h5")
     with pytest.raises(UnsupportedLayerError, match="activation 'tanh'"):
         from_keras(tmp_path / "tanh.h5")
+
+
+UNSUPPORTED = {
+    "relu_max_3": (lambda x: L.ReLU(3.0, name="r")(x), "ReLU with max_value=3"),
+    "pad_flatten": (
+        lambda x: L.Flatten(name="r")(L.ZeroPadding2D(1)(x)),
+        "Flatten reading a ZeroPadding2D output",
+    ),
+    "pad_maxpool_signed": (
+        lambda x: L.MaxPooling2D(3, name="r")(L.ZeroPadding2D(1)(L.Conv2D(2, 1)(x))),
+        "may be negative",
+    ),
+    "pad_same_conv": (
+        lambda x: L.Conv2D(2, 3, padding="same", name="r")(L.ZeroPadding2D(1)(x)),
+        "padding='same' after a ZeroPadding2D",
+    ),
+    "dilation": (
+        lambda x: L.Conv2D(2, 3, dilation_rate=2, name="r")(x),
+        "Conv2D with dilation_rate",
+    ),
+    "reshape": (lambda x: L.Reshape((12, 6), name="r")(x), r"Reshape of \(6, 6, 2\)"),
+    "rms_norm": (
+        lambda x: L.LayerNormalization(rms_scaling=True, name="r")(x),
+        "rms_scaling",
+    ),
+    "concat_h": (
+        lambda x: L.Concatenate(axis=1, name="r")([x, x]),
+        "Concatenate along axis 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+def test_unsupported_new_layers_fail_naming_the_layer(tmp_path, case):
+    build, what = UNSUPPORTED[case]
+    inp = keras.Input((6, 6, 2))
+    x = build(inp)
+    x = L.GlobalAveragePooling2D()(x) if len(x.shape) == 4 else L.Flatten()(x)
+    keras.Model(inp, L.Dense(3, name="out")(x)).save(tmp_path / "m.keras")
+    with pytest.raises(
+        UnsupportedLayerError, match=rf"layer 'r' \(position \d+\): .*{what}"
+    ):
+        from_keras(tmp_path / "m.keras")
 
 
 def test_bad_files(saved, tmp_path):

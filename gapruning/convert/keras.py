@@ -299,6 +299,8 @@ def _build(config: dict, weights: dict, input_shape, where: str):
     if not layers:
         raise ModelFormatError(f"{where}: the model config lists no layers")
     sequential = cls == "Sequential"
+    if not sequential:
+        layers = fuse_hard_sigmoid(layers, where)
     shape = _model_input_shape(config, layers, sequential)
     if input_shape is not None:
         shape = input_shape
@@ -352,6 +354,63 @@ def _build(config: dict, weights: dict, input_shape, where: str):
     if current.node == g.input:
         raise ConversionError(f"{where}: the model has no layers")
     return g.build(current.node), params
+
+
+def fuse_hard_sigmoid(layers: list[dict], where: str) -> list[dict]:
+    """``ReLU(6)(x + 3) * (1 / 6)`` (Keras ops around a ReLU, as MobileNetV3
+    writes its hard sigmoid) as one ``Activation("hard_sigmoid")`` layer, where
+    the two intermediate tensors have no other reader."""
+    readers: dict[str, list[dict]] = {}
+    for pos, layer in enumerate(layers):
+        for src in _inbound(layer, where, pos):
+            readers.setdefault(src, []).append(layer)
+    drop: set[str] = set()
+    fused: dict[str, dict] = {}
+    for layer in layers:
+        add = _constant_op(layer, "Add", 3.0)
+        relu = readers.get(_layer_name(layer), [])
+        if add is None or len(relu) != 1 or not _is_relu6(relu[0]):
+            continue
+        mul = readers.get(_layer_name(relu[0]), [])
+        if len(mul) != 1 or _constant_op(mul[0], "Multiply", 1 / 6) is None:
+            continue
+        drop.update((_layer_name(layer), _layer_name(relu[0])))
+        name = _layer_name(mul[0])
+        fused[name] = {
+            "class_name": "Activation",
+            "name": name,
+            "config": {"name": name, "activation": "hard_sigmoid"},
+            "inbound_nodes": [{"args": [add], "kwargs": {}}],
+        }
+    return [
+        fused.get(_layer_name(layer), layer)
+        for layer in layers
+        if _layer_name(layer) not in drop
+    ]
+
+
+def _constant_op(layer: dict, op: str, value: float):
+    """The tensor argument of a Keras op ``op`` of a tensor and ``value``, else
+    None."""
+    if layer.get("class_name") != op or not _is_op(layer):
+        return None
+    args = _call_args(layer)
+    numbers = [a for a in args if isinstance(a, int | float)]
+    tensors = [a for a in args if isinstance(a, dict)]
+    if len(args) != 2 or len(tensors) != 1 or len(numbers) != 1:
+        return None
+    return tensors[0] if abs(numbers[0] - value) < 1e-9 else None
+
+
+def _is_relu6(layer: dict) -> bool:
+    cfg = layer.get("config", {})
+    return (
+        layer.get("class_name") == "ReLU"
+        and cfg.get("max_value") is not None
+        and float(cfg["max_value"]) == 6.0
+        and not cfg.get("negative_slope")
+        and not cfg.get("threshold")
+    )
 
 
 def _call_args(layer: dict) -> list:
