@@ -149,10 +149,11 @@ def keras_mobile():
 def keras_efficient():
     """EfficientNet-style: Normalization, a depth-multiplier-2 depthwise conv, an
     SE gate through Reshape((1, 1, C)) with swish and sigmoid, hard_sigmoid, a
-    grouped conv, Dropout with a noise shape."""
+    grouped conv, Dropout with a noise shape, Keras ops with constants."""
     inp = keras.Input((8, 8, 3))
     x = L.Normalization(axis=-1, name="norm")(inp)
     x = L.Conv2D(6, 3, padding="same", activation="swish", name="stem", **Z)(x)
+    x = (2.0 - x) / 4.0  # Keras ops of a constant: affine maps
     x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw2", **DZ)(x)
     x = L.BatchNormalization()(x)
     s = L.GlobalAveragePooling2D()(x)
@@ -302,6 +303,10 @@ def test_new_layers_groups_follow_the_couplings(saved):
     assert ops["mobile"]["rescaling"] == "batchnorm"
     sp = spaces["efficient"]
     assert [g.name for g in sp.groups] == ["squeeze", "conv"]
+    affine = [n for n in nets["efficient"].model.nodes if n.op == "batchnorm"][:3]
+    assert affine[0].inputs == ("input",) and affine[1].inputs == ("stem_silu",)
+    assert affine[2].inputs == (affine[1].name,)  # (2 - x) / 4: two affine maps
+    assert all(n.attr("epsilon") == 0 for n in affine)
     assert ops["efficient"]["dw2"] == ops["efficient"]["grouped"] == "grouped_conv"
     assert {"hardsigmoid", "sigmoid", "silu", "mul"} <= set(ops["efficient"].values())
     sp = spaces["densenet"]
@@ -517,13 +522,14 @@ def test_weight_shape_mismatch_names_layer(saved, tmp_path):
         from_keras(path)
 
 
-def test_keras3_file_without_var_names(saved, tmp_path):
+@pytest.mark.parametrize("name", ["resnet-projection", "efficient"])
+def test_keras3_file_without_var_names(saved, tmp_path, name):
     """Older Keras 3 files name weight groups only by path (dense, dense_1...)."""
     import io
     import zipfile
 
-    model, root, x, ref = saved["resnet-projection"]
-    with zipfile.ZipFile(root / "resnet-projection.keras") as z:
+    model, root, x, ref = saved[name]
+    with zipfile.ZipFile(root / f"{name}.keras") as z:
         files = {n: z.read(n) for n in z.namelist()}
     buf = io.BytesIO(files["model.weights.h5"])
     with h5py.File(buf, "r+") as f:
