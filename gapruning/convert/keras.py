@@ -4,13 +4,19 @@ Reads the file's own architecture description (the ``model_config`` attribute of
 an ``.h5`` file, ``config.json`` inside a ``.keras`` zip) and its weights with
 h5py alone: neither TensorFlow nor Keras is needed. Sequential and functional
 models (single input, single output, every layer called once) of these layers
-are supported: Dense (on vectors), Conv2D (channels_last, no dilation or
-groups), BatchNormalization (last axis; epsilon 1e-3 and momentum 0.99 unless
-the config says otherwise), MaxPooling2D, AveragePooling2D (Keras' "same"
-average pooling excludes the padding, as ours does), GlobalAveragePooling2D,
-Flatten, Dropout/SpatialDropout2D, Activation/ReLU/Softmax with relu, sigmoid,
-softmax or linear, and Add. Keras is channels-last like our graphs, so kernels
-(``HWIO``, ``(in, out)``) and flatten order need no conversion.
+are supported (channels_last; the translations are in
+:mod:`~gapruning.convert.keras_ops`): Dense (on vectors, or on the channels of
+a map), Conv2D (also grouped; no dilation), DepthwiseConv2D (any depth
+multiplier), BatchNormalization and LayerNormalization (last axis),
+MaxPooling2D, AveragePooling2D (Keras' "same" average pooling excludes the
+padding, as ours does), GlobalAveragePooling2D (also ``keepdims=True``),
+ZeroPadding2D before a valid convolution or pooling, Flatten, Reshape between
+``(C,)`` and ``(1, 1, C)``, Dropout/SpatialDropout2D, Rescaling, Normalization,
+Activation/ReLU/Softmax with relu, relu6 (``ReLU(max_value=6)``), sigmoid,
+hard_sigmoid, hard_silu/hard_swish, silu/swish, gelu, softmax or linear, Add,
+Multiply (equal shapes, or a map by a ``(1, 1, C)`` squeeze-excite gate),
+Concatenate along channels, and Keras ops adding, subtracting, multiplying or
+dividing a tensor by a number (``x + 3.0``).
 
 Weights: in an ``.h5`` file they are found through each layer's ``weight_names``;
 in a ``.keras`` file through the ``name`` attribute of each ``layers/*/vars``
@@ -24,7 +30,6 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -33,19 +38,19 @@ from ..zoo import Pretrained
 from .common import (
     ConversionError,
     ModelFormatError,
-    ShapeMismatchError,
     UnsupportedLayerError,
     check_input_shape,
     imported,
-    pair,
-    unique_name,
 )
+from .keras_ops import KTensor, LayerTranslator
 
-ACTIVATIONS = ("linear", "relu", "sigmoid", "softmax")
 _WEIGHTED = {
     "Dense": "dense",
     "Conv2D": "conv2d",
+    "DepthwiseConv2D": "depthwise_conv2d",
     "BatchNormalization": "batch_normalization",
+    "LayerNormalization": "layer_normalization",
+    "Normalization": "normalization",
 }
 _ALIASES = {
     "MaxPool2D": "MaxPooling2D",
@@ -294,6 +299,8 @@ def _build(config: dict, weights: dict, input_shape, where: str):
     if not layers:
         raise ModelFormatError(f"{where}: the model config lists no layers")
     sequential = cls == "Sequential"
+    if not sequential:
+        layers = fuse_hard_sigmoid(layers, where)
     shape = _model_input_shape(config, layers, sequential)
     if input_shape is not None:
         shape = input_shape
@@ -305,8 +312,8 @@ def _build(config: dict, weights: dict, input_shape, where: str):
     g = GraphBuilder(tuple(int(d) for d in shape))
     taken = {g.input}
     params: dict[str, dict[str, np.ndarray]] = {}
-    out_of: dict[str, str] = {}  # keras layer name -> our node holding its output
-    current = g.input
+    out_of: dict[str, KTensor] = {}  # keras layer name -> its output
+    current = KTensor(g.input)
     if not sequential:
         cfg = config.get("config", {})
         first = _endpoint(cfg.get("input_layers", []), "inputs", where)
@@ -316,38 +323,131 @@ def _build(config: dict, weights: dict, input_shape, where: str):
         lname = _layer_name(layer)
         lcls = _ALIASES.get(layer.get("class_name"), layer.get("class_name"))
         if lcls == "InputLayer":
-            out_of[lname] = g.input
+            out_of[lname] = KTensor(g.input)
             skipped += 1
             continue
+        if _is_op(layer):
+            lcls = f"ops.{lcls}"  # a Keras op on tensors (x + 3.0), not a layer
         if sequential:  # positions as in model.layers, which omits the InputLayer
             pos -= skipped
-        if sequential:
             inputs = [current]
         else:
-            srcs = _inbound(layer, where, pos)
-            missing = [s for s in srcs if s not in out_of]
-            if missing or not srcs:
-                raise ConversionError(
-                    f"{where}: layer {lname!r} (position {pos}) reads "
-                    f"{missing or 'nothing'}, not produced before it"
-                )
-            inputs = [out_of[s] for s in srcs]
-        ctx = _Ctx(g, taken, params, weights.get(lname), lname, pos, where)
+            inputs = _inputs(layer, out_of, where, pos)
+        ctx = LayerTranslator(g, taken, params, weights.get(lname), lname, pos, where)
         current = ctx.layer(lcls, layer.get("config", {}), inputs)
         out_of[lname] = current
     if not sequential:
-        if first not in out_of or out_of[first] != g.input:
+        if first not in out_of or out_of[first].node != g.input:
             raise ConversionError(f"{where}: input layer {first!r} not found")
         if last not in out_of:
             raise ConversionError(f"{where}: output layer {last!r} not found")
         current = out_of[last]
-    if g.nodes[-1].name != current:
+    if current.pads is not None or current.pooled:
+        raise UnsupportedLayerError(
+            f"{where}: the output is a ZeroPadding2D's or a (1, 1, C) tensor; "
+            "flatten or reshape it to (C,) in the model"
+        )
+    if g.nodes[-1].name != current.node:
         raise ConversionError(
             f"{where}: the output layer is not the last layer of the config"
         )
-    if current == g.input:
+    if current.node == g.input:
         raise ConversionError(f"{where}: the model has no layers")
-    return g.build(current), params
+    return g.build(current.node), params
+
+
+def fuse_hard_sigmoid(layers: list[dict], where: str) -> list[dict]:
+    """``ReLU(6)(x + 3) * (1 / 6)`` (Keras ops around a ReLU, as MobileNetV3
+    writes its hard sigmoid) as one ``Activation("hard_sigmoid")`` layer, where
+    the two intermediate tensors have no other reader."""
+    readers: dict[str, list[dict]] = {}
+    for pos, layer in enumerate(layers):
+        for src in _inbound(layer, where, pos):
+            readers.setdefault(src, []).append(layer)
+    drop: set[str] = set()
+    fused: dict[str, dict] = {}
+    for layer in layers:
+        add = _constant_op(layer, "Add", 3.0)
+        relu = readers.get(_layer_name(layer), [])
+        if add is None or len(relu) != 1 or not _is_relu6(relu[0]):
+            continue
+        mul = readers.get(_layer_name(relu[0]), [])
+        if len(mul) != 1 or _constant_op(mul[0], "Multiply", 1 / 6) is None:
+            continue
+        drop.update((_layer_name(layer), _layer_name(relu[0])))
+        name = _layer_name(mul[0])
+        fused[name] = {
+            "class_name": "Activation",
+            "name": name,
+            "config": {"name": name, "activation": "hard_sigmoid"},
+            "inbound_nodes": [{"args": [add], "kwargs": {}}],
+        }
+    return [
+        fused.get(_layer_name(layer), layer)
+        for layer in layers
+        if _layer_name(layer) not in drop
+    ]
+
+
+def _constant_op(layer: dict, op: str, value: float):
+    """The tensor argument of a Keras op ``op`` of a tensor and ``value``, else
+    None."""
+    if layer.get("class_name") != op or not _is_op(layer):
+        return None
+    args = _call_args(layer)
+    numbers = [a for a in args if isinstance(a, int | float)]
+    tensors = [a for a in args if isinstance(a, dict)]
+    if len(args) != 2 or len(tensors) != 1 or len(numbers) != 1:
+        return None
+    return tensors[0] if abs(numbers[0] - value) < 1e-9 else None
+
+
+def _is_relu6(layer: dict) -> bool:
+    cfg = layer.get("config", {})
+    return (
+        layer.get("class_name") == "ReLU"
+        and cfg.get("max_value") is not None
+        and float(cfg["max_value"]) == 6.0
+        and not cfg.get("negative_slope")
+        and not cfg.get("threshold")
+    )
+
+
+def _call_args(layer: dict) -> list:
+    """The positional arguments of a Keras 3 layer's (first) call."""
+    node = (layer.get("inbound_nodes") or [{}])[0]
+    return list(node.get("args", [])) if isinstance(node, dict) else []
+
+
+def _is_op(layer: dict) -> bool:
+    """A Keras op on tensors (``x + 3.0``), not a layer: said by its module, or
+    (legacy ``.h5`` configs, without modules) by a number among its arguments."""
+    module = layer.get("module")
+    if module is not None:
+        return str(module).startswith("keras.src.ops")
+    return any(isinstance(a, int | float) for a in _call_args(layer))
+
+
+def _inputs(layer: dict, out_of: dict, where: str, pos: int) -> list:
+    """What a functional model's layer reads: :class:`KTensor` outputs of earlier
+    layers and, for Keras ops, number constants, in call order."""
+    lname = _layer_name(layer)
+    srcs = _inbound(layer, where, pos)
+    missing = [s for s in srcs if s not in out_of]
+    if missing or not srcs:
+        raise ConversionError(
+            f"{where}: layer {lname!r} (position {pos}) reads "
+            f"{missing or 'nothing'}, not produced before it"
+        )
+    if not _is_op(layer):
+        return [out_of[s] for s in srcs]
+    out = []
+    for arg in _call_args(layer):
+        if isinstance(arg, dict) and arg.get("class_name") == "__keras_tensor__":
+            out.append(out_of[str(arg["config"]["keras_history"][0])])
+        else:
+            out.append(arg)
+    return out
 
 
 def _model_input_shape(config, layers, sequential):
@@ -362,212 +462,3 @@ def _model_input_shape(config, layers, sequential):
     if shape:
         return tuple(shape[1:])
     return None
-
-
-class _Ctx:
-    """Translates one Keras layer (config + weights) into graph nodes."""
-
-    def __init__(self, g, taken, params, weights, lname, pos, where):
-        self.g, self.taken, self.params = g, taken, params
-        self.weights, self.lname, self.pos, self.where = weights, lname, pos, where
-        self.base = unique_name(lname, taken)
-
-    def fail(self, what: str):
-        raise UnsupportedLayerError(
-            f"{self.where}: unsupported layer {self.lname!r} (position {self.pos}): "
-            f"{what}"
-        )
-
-    def name(self, suffix: str = "") -> str:
-        if not suffix:
-            return self.base
-        return unique_name(f"{self.base}_{suffix}", self.taken)
-
-    def layer(self, cls: str, cfg: dict, inputs: list[str]) -> str:
-        if cls == "Add":
-            if len(inputs) < 2:
-                self.fail("Add of fewer than two tensors")
-            shapes = {self.g.shape(i) for i in inputs}
-            if len(shapes) != 1:
-                raise ShapeMismatchError(
-                    f"{self.where}: Add {self.lname!r} of shapes {sorted(shapes)}"
-                )
-            return self.g.add(*inputs, name=self.base)
-        if len(inputs) != 1:
-            self.fail(f"{cls} with {len(inputs)} inputs")
-        x = inputs[0]
-        if cfg.get("data_format", "channels_last") != "channels_last":
-            self.fail(f"{cls} with data_format={cfg.get('data_format')!r}")
-        handler = getattr(self, f"_{cls}", None)
-        if handler is None:
-            self.fail(f"layer class {cls}")
-        return handler(cfg, x)
-
-    # -- weights
-
-    def _arrays(self, roles: list[str]) -> dict[str, np.ndarray]:
-        got = self.weights
-        if got is None or len(got) != len(roles):
-            n = 0 if got is None else len(got)
-            raise ModelFormatError(
-                f"{self.where}: layer {self.lname!r} needs {len(roles)} weight "
-                f"arrays ({', '.join(roles)}), the file has {n}"
-            )
-        out = {}
-        for want, (role, value) in zip(roles, got, strict=True):
-            if role is not None and role != want:
-                raise ModelFormatError(
-                    f"{self.where}: layer {self.lname!r}: expected weight {want!r}, "
-                    f"found {role!r}"
-                )
-            out[want] = value
-        return out
-
-    def _shape(self, key: str, arr: np.ndarray, want) -> None:
-        if arr.shape != tuple(want):
-            raise ShapeMismatchError(
-                f"{self.where}: {self.lname}/{key} has shape {arr.shape}, the "
-                f"architecture needs {tuple(want)}"
-            )
-
-    def _activation(self, x: str, act) -> str:
-        if act in (None, "linear"):
-            return x
-        if isinstance(act, dict):
-            act = act.get("config", {}).get("name") or act.get("class_name")
-        if act == "relu":
-            return self.g.relu(x, name=self.name("relu"))
-        if act == "sigmoid":
-            return self.g.sigmoid(x, name=self.name("sigmoid"))
-        if act == "softmax":
-            return self.g.softmax(x, name=self.name("softmax"))
-        self.fail(f"activation {act!r} (supported: {', '.join(ACTIVATIONS)})")
-
-    # -- layers
-
-    def _Dense(self, cfg, x):
-        if len(self.g.shape(x)) != 1:
-            self.fail(f"Dense on a tensor of shape {self.g.shape(x)} (not flat)")
-        use_bias = bool(cfg.get("use_bias", True))
-        w = self._arrays(["kernel", "bias"] if use_bias else ["kernel"])
-        units = int(cfg["units"])
-        self._shape("kernel", w["kernel"], (self.g.shape(x)[0], units))
-        if use_bias:
-            self._shape("bias", w["bias"], (units,))
-        node = self.g.dense(x, units, use_bias=use_bias, name=self.name())
-        self.params[node] = w
-        return self._activation(node, cfg.get("activation"))
-
-    def _Conv2D(self, cfg, x):
-        if len(self.g.shape(x)) != 3:
-            self.fail(f"Conv2D on a tensor of shape {self.g.shape(x)}")
-        if (
-            tuple(pair(cfg.get("dilation_rate", 1))) != (1, 1)
-            or cfg.get("groups", 1) != 1
-        ):
-            self.fail("Conv2D with dilation or groups")
-        use_bias = bool(cfg.get("use_bias", True))
-        w = self._arrays(["kernel", "bias"] if use_bias else ["kernel"])
-        k, filters = pair(cfg["kernel_size"]), int(cfg["filters"])
-        self._shape("kernel", w["kernel"], (*k, self.g.shape(x)[-1], filters))
-        if use_bias:
-            self._shape("bias", w["bias"], (filters,))
-        node = self.g.conv(
-            x,
-            filters,
-            k,
-            strides=pair(cfg.get("strides", 1)),
-            padding=_padding(cfg.get("padding", "valid"), self),
-            use_bias=use_bias,
-            name=self.name(),
-        )
-        self.params[node] = w
-        return self._activation(node, cfg.get("activation"))
-
-    def _BatchNormalization(self, cfg, x):
-        axis = cfg.get("axis", -1)
-        axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
-        rank = len(self.g.shape(x)) + 1
-        if not isinstance(axis, int) or axis % rank != rank - 1:
-            self.fail(f"BatchNormalization over axis {cfg.get('axis')} (last only)")
-        center, scale = cfg.get("center", True), cfg.get("scale", True)
-        roles = (["gamma"] if scale else []) + (["beta"] if center else [])
-        w = self._arrays([*roles, "moving_mean", "moving_variance"])
-        c = self.g.shape(x)[-1]
-        for key, arr in w.items():
-            self._shape(key, arr, (c,))
-        node = self.g.batchnorm(
-            x,
-            epsilon=float(cfg.get("epsilon", 1e-3)),
-            momentum=float(cfg.get("momentum", 0.99)),
-            name=self.name(),
-        )
-        self.params[node] = {
-            "scale": w.get("gamma", np.ones(c, np.float32)),
-            "bias": w.get("beta", np.zeros(c, np.float32)),
-            "mean": w["moving_mean"],
-            "var": w["moving_variance"],
-        }
-        return node
-
-    def _pool(self, cfg, x, kind):
-        if len(self.g.shape(x)) != 3:
-            self.fail(f"pooling a tensor of shape {self.g.shape(x)}")
-        k = pair(cfg.get("pool_size", 2))
-        s = cfg.get("strides")
-        s = k if s is None else pair(s)
-        pad = _padding(cfg.get("padding", "valid"), self)
-        if kind == "max":
-            return self.g.maxpool(x, k, s, pad, name=self.name())
-        return self.g.avgpool(x, k, s, pad, count_include_pad=False, name=self.name())
-
-    def _MaxPooling2D(self, cfg, x):
-        return self._pool(cfg, x, "max")
-
-    def _AveragePooling2D(self, cfg, x):
-        return self._pool(cfg, x, "avg")
-
-    def _GlobalAveragePooling2D(self, cfg, x):
-        if cfg.get("keepdims", False):
-            self.fail("GlobalAveragePooling2D with keepdims=True")
-        if len(self.g.shape(x)) != 3:
-            self.fail(f"pooling a tensor of shape {self.g.shape(x)}")
-        return self.g.global_avgpool(x, name=self.name())
-
-    def _Flatten(self, cfg, x):
-        if len(self.g.shape(x)) == 1:
-            return x
-        return self.g.flatten(x, name=self.name())
-
-    def _Dropout(self, cfg, x):
-        return x
-
-    _SpatialDropout2D = _Dropout
-
-    def _Activation(self, cfg, x):
-        act = cfg.get("activation")
-        if act in (None, "linear"):
-            return x
-        return self._activation(x, act)
-
-    def _ReLU(self, cfg, x):
-        if (
-            cfg.get("max_value") is not None
-            or cfg.get("negative_slope", 0)
-            or cfg.get("threshold", 0)
-        ):
-            self.fail("ReLU with max_value, negative_slope or threshold")
-        return self.g.relu(x, name=self.name())
-
-    def _Softmax(self, cfg, x):
-        axis = cfg.get("axis", -1)
-        if axis not in (-1, [-1], len(self.g.shape(x))):
-            self.fail(f"Softmax over axis {axis} (last only)")
-        return self.g.softmax(x, name=self.name())
-
-
-def _padding(pad: Any, ctx: _Ctx) -> str:
-    pad = str(pad).lower()
-    if pad not in ("same", "valid"):
-        ctx.fail(f"padding {pad!r}")
-    return pad.upper()
