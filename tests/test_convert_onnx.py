@@ -33,6 +33,23 @@ from gapruning.convert import (  # noqa: E402
 from gapruning.models import channel_spaces  # noqa: E402
 
 
+def checked_model(nodes, inits, name, in_shape, output, opset):
+    """A checked ONNX model of ``nodes``: input ``x`` of ``in_shape``, ``output``
+    = (name, shape), IR version 8."""
+    out_name, out_shape = output
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def export_torch(module, shape_hwc, path, dynamic=True):
     c = (shape_hwc[2], shape_hwc[0], shape_hwc[1]) if len(shape_hwc) == 3 else shape_hwc
     kw = {"dynamic_axes": {"x": {0: "N"}, "y": {0: "N"}}} if dynamic else {}
@@ -156,17 +173,7 @@ def handmade(with_softmax=True):
     if with_softmax:
         nodes.append(n("Softmax", ["scaled"], ["y"], axis=1))
         last = "y"
-    graph = helper.make_graph(
-        nodes,
-        "handmade",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 8])],
-        [helper.make_tensor_value_info(last, TensorProto.FLOAT, ["N", 5])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return checked_model(nodes, inits, "handmade", ["N", 3, 9, 8], (last, ["N", 5]), 17)
 
 
 def test_handmade_ops_parity():
@@ -255,17 +262,9 @@ def reduce_mean_graph(keepdims: int, opset: int, axes=(2, 3)):
         nodes.append(n("Flatten", ["m"], ["f"]))
         flat = "f"
     nodes.append(n("Gemm", [flat, "gw", "gb"], ["y"], transB=1))
-    graph = helper.make_graph(
-        nodes,
-        "reduce_mean",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 7, 5])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        initializer=inits,
+    return checked_model(
+        nodes, inits, "reduce_mean", ["N", 3, 7, 5], ("y", ["N", 4]), opset
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 @pytest.mark.parametrize("keepdims", [0, 1])
@@ -418,17 +417,7 @@ def gelu_graph(form: str):
         *tail,
         n("MatMul", ["g", "w2"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "gelu",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return checked_model(nodes, inits, "gelu", ["N", 4], ("y", ["N", 3]), 17)
 
 
 @pytest.mark.parametrize("form", ["x_then_half", "half_then_x", "x_half_first"])
@@ -486,17 +475,9 @@ def split_shuffle_graph(opset: int):
             rng.normal(0, 1, (3, 4, 1, 1)).astype(np.float32), "fcw"
         )
     )
-    graph = helper.make_graph(
-        nodes,
-        "split_shuffle",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        initializer=inits,
+    return checked_model(
+        nodes, inits, "split_shuffle", ["N", 4, 5, 5], ("y", ["N", 4]), opset
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 @pytest.mark.parametrize("opset", [17, 18])
