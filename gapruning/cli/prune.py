@@ -187,7 +187,8 @@ def messages_shown(enabled: bool):
     if not enabled:
         yield
         return
-    logger, level = logging.getLogger("gapruning"), logging.getLogger("gapruning").level
+    logger = logging.getLogger("gapruning")
+    level = logger.level
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
