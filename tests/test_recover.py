@@ -834,3 +834,33 @@ def test_distill_prints_its_expected_time_after_two_steps(monkeypatch):
     assert timer.estimate(3) == "distill: 304 steps, about 10.4 min in all"
     assert format_seconds(42) == "42 s"
     assert format_seconds(3 * 3600) == "3.0 h"
+
+
+def test_default_prune_makes_its_bn_stats_probes_once(monkeypatch):
+    """A default run on a BatchNorm network searches, repairs and distills on one
+    ``bn_stats`` probe set: made once, not again for the repair or distillation;
+    a distillation that regenerates its probes makes the later epochs' sets."""
+    from gapruning import probes as probes_module
+
+    made = []
+    generate = probes_module._generate
+
+    def counting(pretrained, kind, num, seed, cfg):
+        made.append((kind, num, seed))
+        return generate(pretrained, kind, num, seed, cfg)
+
+    monkeypatch.setattr(probes_module, "_generate", counting)
+    probes_module.clear_probe_cache()
+    net = tiny_bn()
+    sizes = dict(generations=10, population=4, num_probes=16, progress=False)
+    distill = {"distill": {"steps": 2}}
+    result = gp.prune(
+        net, target=0.5, recover=("auto", "distill"), recover_options=distill, **sizes
+    )
+    assert result.pruned.card["repair"]["method"] == "lstsq"
+    assert result.pruned.card["distill"]["probes"] == "bn_stats"
+    assert made == [("bn_stats", 16, 0)]
+    small = gp.compact(net, result.masks)
+    options = dict(num_probes=16, batch_size=8, steps=4, regenerate=True)
+    recover.distill(small, net, "bn_stats", **options)
+    assert made == [("bn_stats", 16, 0), ("bn_stats", 16, 1)]

@@ -160,12 +160,14 @@ def probe_kinds(probes, teacher: Pretrained) -> tuple[str, ...] | None:
 
 def probe_set(teacher, probes, kinds, config: DistillConfig, epoch: int):
     """The probes of ``epoch``: ``probes`` itself when an array, else
-    ``config.num_probes`` of ``kinds`` (split evenly), seed ``seed + epoch``."""
+    ``config.num_probes`` of ``kinds`` (split evenly), seed ``seed + epoch``. The
+    first set comes from the probe cache (a search's probes of the same kind, size
+    and seed are not made twice); regenerated ones are not kept there."""
     if kinds is None:
         return make_probes(teacher, probes)
     share = -(-config.num_probes // len(kinds))
     seed = config.seed + epoch
-    parts = [make_probes(teacher, k, share, seed, cache=False) for k in kinds]
+    parts = [make_probes(teacher, k, share, seed, cache=epoch == 0) for k in kinds]
     return jnp.concatenate(parts)[: config.num_probes]
 
 
