@@ -1,4 +1,5 @@
 import json
+import logging
 import subprocess
 import sys
 
@@ -125,3 +126,23 @@ def test_eval_of_a_pruned_model_shows_its_dense_parent_beside_it(tmp_path, capsy
     assert "dense" in table and f"{dense['accuracy']:.4f}" in table
     assert cli.main([*args, "--json", "--no-dense"]) == 0
     assert "dense" not in json.loads(capsys.readouterr().out)
+
+
+def test_prune_messages_are_printed_once_beside_a_root_handler(capsys):
+    """Library INFO lines appear once on stderr during a prune, even when the root
+    logger has a stderr handler of its own (importing orbax adds one), and not at
+    all with messages off; the logger is left as it was."""
+    from gapruning.cli.prune import messages_shown
+
+    root = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(root)
+    logger = logging.getLogger("gapruning.probes")
+    try:
+        with messages_shown(True):
+            logger.info("making 4 probes")
+        with messages_shown(False):
+            logger.info("unseen")
+    finally:
+        logging.getLogger().removeHandler(root)
+    assert capsys.readouterr().err.count("making 4 probes") == 1
+    assert logging.getLogger("gapruning").propagate

@@ -183,21 +183,24 @@ def _prune_into(args, out: Path) -> None:
 @contextlib.contextmanager
 def messages_shown(enabled: bool):
     """Inside, the library's INFO messages (probe generation, repair) are
-    printed to stderr as plain lines."""
+    printed to stderr as plain lines, once: not also by a root handler (importing
+    orbax gives the root logger one)."""
     if not enabled:
         yield
         return
     logger = logging.getLogger("gapruning")
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _prune_options(args, checkpoints) -> dict:
