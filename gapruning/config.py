@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .deadline import check_time_budget
+
 BUDGETS = ("units", "params", "flops")
 ENCODINGS = ("units", "profile")
 DTYPES = ("float32", "bfloat16")
@@ -84,6 +86,11 @@ class PruneConfig:
             "distill")`` repairs and distills; ``()``: no recovery.
         recover_options: ``{"repair": {...}, "distill": {...}}`` keyword
             arguments of ``gp.recover.repair`` / ``gp.recover.distill``.
+        time_budget: seconds of wall-clock time for the whole run
+            (:mod:`gapruning.deadline`): the search stops early when it would
+            spend more than half, and distillation (the default recovery's, or
+            one asked for) trains for the time left, at most the ``steps`` that
+            ``recover_options`` gives it.
     """
 
     strategy: str = "ga"
@@ -113,6 +120,7 @@ class PruneConfig:
     recover_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(
         default_factory=dict
     )
+    time_budget: float | None = None
 
     def __post_init__(self):
         steps = (self.recover,) if isinstance(self.recover, str) else self.recover
@@ -120,6 +128,8 @@ class PruneConfig:
         object.__setattr__(self, "target", float(self.target))
         object.__setattr__(self, "strategy_options", dict(self.strategy_options or {}))
         object.__setattr__(self, "recover_options", _recover_options(self))
+        if self.time_budget is not None:
+            object.__setattr__(self, "time_budget", check_time_budget(self.time_budget))
         self._check()
 
     def _check(self) -> None:
@@ -195,6 +205,8 @@ class PruneConfig:
         if self.repair or self.recover not in ((), ("auto",)):
             out["repair"] = self.repair
             out["recover"] = list(self.recover)
+        if self.time_budget is not None:
+            out["time_budget"] = self.time_budget
         return out
 
 

@@ -80,7 +80,8 @@ def with_default_recovery(
     given (not compensated, not compacted) and no repair was named (``repair=``
     or a recover step): ``"lstsq"``, then ``"distill"`` for
     :func:`default_distill_steps` unless distillation was asked for already or
-    the search was too short to pay for it. Otherwise nothing."""
+    the search was too short to pay for it; under a time budget, distillation
+    for the time left (no steps set here). Otherwise nothing."""
     if "auto" not in config.recover:
         return config
     method = METHODS.get(config.strategy)
@@ -96,9 +97,10 @@ def with_default_recovery(
         steps.insert(0, "lstsq")
         distill = dict(options.get("distill", {}))
         n = default_distill_steps(dense, found.evaluations * config.num_probes, distill)
-        if "distill" not in steps and n:
+        if "distill" not in steps and (n or config.time_budget):
             steps.append("distill")
-            options["distill"] = {"steps": n, **distill}
+            timed = config.time_budget is not None
+            options["distill"] = distill if timed else {"steps": n, **distill}
     return dataclasses.replace(config, recover=tuple(steps), recover_options=options)
 
 

@@ -27,10 +27,12 @@ import numpy as np
 from . import recover as recover_lib
 from .compact import compact, param_count, sparsify
 from .config import PruneConfig, make_config
+from .deadline import MIN_DISTILL_SHARE, SEARCH_SHARE, Deadline
 from .defaults import check_memory, with_default_recovery, with_default_sizes
 from .encoding import Budget
 from .methods import METHODS, MethodContext, MethodResult, run_method
 from .methods.engine_search import engine_search
+from .progress import format_seconds
 from .zoo import Pretrained, check_finite, load
 
 log = logging.getLogger(__name__)
@@ -136,15 +138,16 @@ def prune(
         >>> result.report()["params"], result.pruned
     """
     config = make_config(config, args, options)
+    clock = Deadline(config.time_budget) if config.time_budget else None
     net = _pretrained(net)
     config = with_default_sizes(config, net.space.dense_flops)
     if config.strategy not in METHODS and not callable(config.fitness):
         given = config.probes is not None and not isinstance(config.probes, str)
         check_memory(net, len(config.probes) if given else config.num_probes)
-    ctx = make_problem(net, config)
+    ctx = make_problem(net, config, clock)
     found = find_masks(ctx, config)
     config = with_default_recovery(config, net, found)
-    pruned = finish(ctx, config, found)
+    pruned = finish(ctx, config, found, clock)
     settings = config.settings()
     pruned.card["pruning"]["method"] = {
         "search": settings,
@@ -162,8 +165,11 @@ def _pretrained(net) -> Pretrained:
     return net
 
 
-def make_problem(net: Pretrained, config: PruneConfig) -> MethodContext:
-    """Stage 1: the exact budget and the data-free fitness (built on first use)."""
+def make_problem(
+    net: Pretrained, config: PruneConfig, clock: Deadline | None = None
+) -> MethodContext:
+    """Stage 1: the exact budget and the data-free fitness (built on first use);
+    under a time budget (``clock``), the search's deadline."""
     n_devices = len(jax.devices() if config.devices is None else config.devices)
     if config.strategy not in METHODS and config.population % n_devices:
         raise ValueError(
@@ -184,6 +190,7 @@ def make_problem(net: Pretrained, config: PruneConfig) -> MethodContext:
         generations=config.generations,
         progress=config.progress,
         make_fitness=lambda: make_fitness(net, config),
+        deadline=None if clock is None else clock.at(SEARCH_SHARE),
     )
 
 
@@ -217,8 +224,14 @@ def find_masks(ctx: MethodContext, config: PruneConfig) -> MethodResult:
     return engine_search(ctx, config)
 
 
-def finish(ctx: MethodContext, config: PruneConfig, found: MethodResult) -> Pretrained:
-    """Stage 3: repair (optional), compact, distill (optional). Kernel masks of an
+def finish(
+    ctx: MethodContext,
+    config: PruneConfig,
+    found: MethodResult,
+    clock: Deadline | None = None,
+) -> Pretrained:
+    """Stage 3: repair (optional), compact, distill (optional; under a time
+    budget, for the time left, at most the ``steps`` given). Kernel masks of an
     unstructured method are applied by zeroing weights instead."""
     method = METHODS.get(config.strategy)
     if method is not None and not method.structured:
@@ -241,6 +254,13 @@ def finish(ctx: MethodContext, config: PruneConfig, found: MethodResult) -> Pret
     if isinstance(config.probes, str):
         options["probes"] = config.probes
     options.update(config.recover_options.get("distill", {}))
+    if clock is not None:
+        left = clock.remaining()
+        if left < MIN_DISTILL_SHARE * clock.seconds:
+            text = format_seconds(max(left, 0))
+            log.info("time budget: %s left, too little to distill", text)
+            return small
+        options["time_budget"] = left
     return recover_lib.distill(small, ctx.net, masks=found.masks, **options)
 
 

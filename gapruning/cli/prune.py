@@ -98,6 +98,13 @@ def _add_run_options(pr) -> None:
         help="distill the pruned model from the dense one on probes (N steps)",
     )
     pr.add_argument(
+        "--time-budget",
+        type=duration,
+        help="finish within this wall-clock time (900, 30m, 1.5h): the search "
+        "takes at most half, distillation fills the time left (at most "
+        "--distill-steps when given)",
+    )
+    pr.add_argument(
         "--no-recover",
         action="store_true",
         help="keep the found masks' weights as they are (default: least squares "
@@ -106,6 +113,16 @@ def _add_run_options(pr) -> None:
     pr.add_argument("--out", required=True, help="run directory")
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--quiet", action="store_true")
+
+
+def duration(text: str) -> float:
+    """Seconds in a duration such as ``900``, ``30m`` or ``1.5h``."""
+    from ..deadline import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def fitness_spec(text: str):
@@ -228,6 +245,7 @@ def _prune_options(args, checkpoints) -> dict:
         recover_options=(
             {"distill": {"steps": args.distill_steps}} if args.distill_steps else {}
         ),
+        time_budget=args.time_budget,
     )
 
 

@@ -30,8 +30,9 @@ class MethodContext:
     """What :func:`gapruning.prune` hands a method: the dense ``net``, the exact
     ``budget``, the search size (``population``, ``generations``; a method spends
     at most ``population * generations`` fitness evaluations, plus one initial
-    population), ``seed``, and the data-free fitness the user asked for, built on
-    first use by :meth:`fitness`."""
+    population), ``seed``, the data-free fitness the user asked for, built on
+    first use by :meth:`fitness`, and the search's ``deadline`` (a
+    ``time.perf_counter()`` value, or ``None``) under a time budget."""
 
     net: Pretrained
     budget: Budget
@@ -40,6 +41,7 @@ class MethodContext:
     generations: int = 200
     progress: bool = False
     make_fitness: Callable[[], Callable] | None = None
+    deadline: float | None = None
 
     @property
     def space(self) -> PruneSpace:

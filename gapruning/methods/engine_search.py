@@ -9,6 +9,7 @@ initial population, the strategy, sharding over devices and checkpoints, then
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -26,6 +27,8 @@ from ..encoding import (
 from ..progress import progress_bar
 from ..zoo import architecture_digest
 from . import MethodContext, MethodResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -87,6 +90,13 @@ def engine_search(ctx: MethodContext, config: PruneConfig) -> MethodResult:
             checkpointer=make_checkpointer(ctx, config, setup.num_devices),
             checkpoint_every=config.checkpoint_every,
             resume=config.resume,
+            deadline=ctx.deadline,
+        )
+    if found.generations < config.generations:
+        log.info(
+            "time budget: the search stopped after %d of %d generations",
+            found.generations,
+            config.generations,
         )
     return MethodResult(
         masks=found.best_masks,
@@ -96,6 +106,7 @@ def engine_search(ctx: MethodContext, config: PruneConfig) -> MethodResult:
         seconds=found.seconds,
         compile_seconds=found.compile_seconds,
         best_fitness=found.best_fitness,
+        details={"generations": found.generations},
     )
 
 

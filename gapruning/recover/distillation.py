@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from ..augment import shift_flip
+from ..deadline import Deadline, check_time_budget
 from ..models import consumers
 from ..probes import batchnorm_nodes, make_probes
 from ..progress import format_seconds
@@ -28,6 +29,10 @@ from .adversarial import distill_loss, kl, push
 from .batchnorm import recalibrate_batchnorm
 from .validate import RecoverError, require_pretrained
 
+# optimizer steps when neither ``steps`` nor ``time_budget`` is given
+DEFAULT_STEPS = 500
+# steps timed (after one that compiles) to size a time-budgeted distillation
+TRIAL_STEPS = 3
 # the probes of ``probes="auto"`` without BatchNorm (with it: ``bn_stats``)
 AUTO_DISTILL_PROBES = ("inversion", "gaussian")
 # the settings whose ``None`` follows the teacher (:meth:`DistillConfig.for_teacher`)
@@ -39,7 +44,8 @@ class DistillConfig:
     """Settings of :func:`distill`; those left at ``None`` follow the teacher.
 
     Attributes:
-        steps: optimizer steps.
+        steps: optimizer steps (``None``: :data:`DEFAULT_STEPS`, or with
+            ``time_budget`` as many as fit).
         temperature: softmax temperature of the KL.
         seed: probe and batch-order randomness.
         num_probes, batch_size: probes per epoch, probes per step.
@@ -63,9 +69,12 @@ class DistillConfig:
             vacated pixels take the input box's low end), before mixup. ``None``:
             on for image inputs ``(height, width, channels)``.
         learning_rate: peak of the default Adam's cosine-decayed schedule.
+        time_budget: seconds the whole call may take: the steps are as many as
+            fit in the time left once the probes are made, at the pace of a few
+            trial steps (:func:`steps_within`), at most ``steps`` when given.
     """
 
-    steps: int = 500
+    steps: int | None = None
     temperature: float = 4.0
     seed: int = 0
     num_probes: int = 512
@@ -78,6 +87,7 @@ class DistillConfig:
     mixup: float = 0.5
     augment: bool | None = None
     learning_rate: float | None = None
+    time_budget: float | None = None
 
     @classmethod
     def for_teacher(cls, teacher: Pretrained, **settings) -> DistillConfig:
@@ -97,6 +107,8 @@ class DistillConfig:
         fill = {k: v for k, v in fill.items() if getattr(self, k) is None}
         image = len(teacher.model.input_shape) == 3
         fill["augment"] = image if self.augment is None else bool(self.augment)
+        if self.steps is None and self.time_budget is None:
+            fill["steps"] = DEFAULT_STEPS
         return dataclasses.replace(self, **fill)
 
 
@@ -116,8 +128,13 @@ def check(config: DistillConfig, pruned: Pretrained, teacher: Pretrained, masks)
     """Raises :class:`RecoverError` if ``config`` (resolved) cannot distill
     ``pruned`` from ``teacher``."""
     c = config
-    if c.steps < 1:
+    if c.steps is not None and c.steps < 1:
         raise RecoverError(f"steps must be at least 1, got {c.steps}")
+    if c.time_budget is not None:
+        try:
+            check_time_budget(c.time_budget)
+        except ValueError as err:
+            raise RecoverError(str(err)) from None
     if c.temperature <= 0:
         raise RecoverError(f"temperature must be positive, got {c.temperature}")
     shape = teacher.model.input_shape
@@ -174,7 +191,9 @@ def probe_set(teacher, probes, kinds, config: DistillConfig, epoch: int):
 @dataclasses.dataclass(frozen=True)
 class StepContext:
     """What the train step closes over: graph definitions, optimizer, resolved
-    config, feature taps and their kept channels, input box."""
+    config, feature taps and their kept channels, input box. ``tx`` is the
+    user's optimizer, or (``peak`` set) Adam's scaling, whose updates the step
+    multiplies by the cosine-decayed learning rate (:func:`cosine_rate`)."""
 
     student: nnx.GraphDef
     teacher: nnx.GraphDef
@@ -183,6 +202,14 @@ class StepContext:
     taps: tuple[str, ...]
     keep: dict
     box: tuple[float, float]
+    peak: float | None = None
+
+
+def cosine_rate(peak: float, step, total) -> jax.Array:
+    """``optax.cosine_decay_schedule(peak, total)(step)`` with ``total`` a traced
+    value, so one compiled train step serves any number of steps."""
+    step = jnp.minimum(step, total)
+    return peak * (0.5 * (1 + jnp.cos(jnp.pi * step / total)))
 
 
 def feature_taps(teacher: Pretrained, masks, weight: float):
@@ -242,25 +269,28 @@ def probe_batch(ctx: StepContext, params, rest, t_state, x, idx, key):
 
 
 def make_train_step(ctx: StepContext):
-    """The jitted step ``(params, opt_state, rest, t_state, x, idx, key) ->
-    (params, opt_state, loss)``."""
+    """The jitted step ``(params, opt_state, rest, t_state, x, idx, key, step,
+    total) -> (params, opt_state, loss)``: update number ``step`` of ``total``."""
     import optax
 
     @jax.jit
-    def train_step(params, opt_state, rest, t_state, x, idx, key):
+    def train_step(params, opt_state, rest, t_state, x, idx, key, step, total):
         xb = probe_batch(ctx, params, rest, t_state, x, idx, key)
         loss, grads = jax.value_and_grad(functools.partial(loss_fn, ctx))(
             params, rest, t_state, xb
         )
         updates, opt_state = ctx.tx.update(grads, opt_state, params)
+        if ctx.peak is not None:
+            rate = -cosine_rate(ctx.peak, step, total)
+            updates = jax.tree.map(lambda u: rate.astype(u.dtype) * u, updates)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return train_step
 
 
-def train(ctx: StepContext, state, x, new_probes, progress: bool, name: str):
-    """Runs ``config.steps`` train steps from ``state = (params, rest, t_state)``:
-    batches in a new order every epoch, new probes every epoch from
+def train(ctx: StepContext, step, state, x, new_probes, progress: bool, name: str):
+    """Runs ``config.steps`` of the train ``step`` from ``state = (params, rest,
+    t_state)``: batches in a new order every epoch, new probes every epoch from
     ``new_probes(epoch)`` when it is not ``None``. Returns the trained params and
     the last probe set."""
     from ..progress import progress_bar
@@ -268,7 +298,6 @@ def train(ctx: StepContext, state, x, new_probes, progress: bool, name: str):
     c = ctx.config
     params, rest, t_state = state
     opt_state = ctx.tx.init(params)
-    step = make_train_step(ctx)
     per_epoch = max(1, len(x) // c.batch_size)
     key = jax.random.key(c.seed)
     mix = jax.random.fold_in(key, 2**31 - 1)  # mixup randomness, apart from orders
@@ -283,7 +312,15 @@ def train(ctx: StepContext, state, x, new_probes, progress: bool, name: str):
                 order = jax.random.permutation(jax.random.fold_in(key, epoch), len(x))
             idx = order[b * c.batch_size : (b + 1) * c.batch_size]
             params, opt_state, loss = step(
-                params, opt_state, rest, t_state, x, idx, jax.random.fold_in(mix, i)
+                params,
+                opt_state,
+                rest,
+                t_state,
+                x,
+                idx,
+                jax.random.fold_in(mix, i),
+                i,
+                c.steps,
             )
             if progress:
                 text = f"distill  KL {float(loss):.4g}"
@@ -363,6 +400,7 @@ def distill(
     c = dataclasses.replace(config or DistillConfig(), **settings)
     c = c.resolved(teacher, masks)
     check(c, pruned, teacher, masks)
+    clock = None if c.time_budget is None else Deadline(c.time_budget)
     kinds = probe_kinds(probes, teacher)
     student = Pretrained(nnx.clone(pruned.model), dict(pruned.card))
     x = probe_set(teacher, probes, kinds, c, 0)
@@ -370,22 +408,49 @@ def distill(
     if c.recalibrate_bn:
         recalibrate_batchnorm(student, x, teacher, masks)
     taps, keep = feature_taps(teacher, masks, c.feature_weight)
-    tx = optimizer
-    if tx is None:
-        tx = optax.adam(optax.cosine_decay_schedule(c.learning_rate, c.steps))
     graphdef, params, rest = nnx.split(student.model, nnx.Param, ...)
     t_graph, t_state = nnx.split(teacher.model)
-    ctx = StepContext(graphdef, t_graph, tx, c, taps, keep, teacher.input_box)
+    tx = optax.scale_by_adam() if optimizer is None else optimizer
+    peak = c.learning_rate if optimizer is None else None
+    ctx = StepContext(graphdef, t_graph, tx, c, taps, keep, teacher.input_box, peak)
+    step = make_train_step(ctx)
+    state = (params, rest, t_state)
+    if clock is not None:
+        c = dataclasses.replace(c, steps=steps_within(ctx, step, state, x, clock))
+        ctx = dataclasses.replace(ctx, config=c)
     views = check_views(ctx, t_state, x)
     before = distill_loss(student, teacher, views, c.temperature)
     new_probes = None
     if c.regenerate and kinds is not None:
         new_probes = functools.partial(probe_set, teacher, probes, kinds, c)
-    state = (params, rest, t_state)
-    params, x = train(ctx, state, x, new_probes, progress, pruned.name)
+    params, x = train(ctx, step, state, x, new_probes, progress, pruned.name)
     student.model = nnx.merge(graphdef, params, rest)
     student.card = distill_card(student, teacher, c, kinds, views, before, optimizer)
     return student
+
+
+def steps_within(ctx: StepContext, step, state, x, clock: Deadline) -> int:
+    """How many calls of the train ``step`` fit in the time left on ``clock``
+    (at most ``ctx.config.steps`` when set): the first trial call compiles, the
+    next :data:`TRIAL_STEPS` give the pace; the trial's updates are dropped."""
+    params, rest, t_state = state
+    opt_state = ctx.tx.init(params)
+    idx, key = jnp.arange(ctx.config.batch_size), jax.random.key(ctx.config.seed)
+    seconds = []
+    for _ in range(1 + TRIAL_STEPS):
+        start = time.perf_counter()
+        out = step(params, opt_state, rest, t_state, x, idx, key, 0, DEFAULT_STEPS)
+        jax.block_until_ready(out)
+        seconds.append(time.perf_counter() - start)
+    pace = float(np.median(seconds[1:]))
+    fit = int(0.95 * clock.remaining() / pace)
+    if fit < 1:
+        raise RecoverError(
+            f"a time budget of {clock.seconds:.3g} s fits no distillation step "
+            f"(compiling took {seconds[0]:.1f} s, a step takes {pace:.3f} s)"
+        )
+    cap = ctx.config.steps
+    return fit if cap is None else min(fit, cap)
 
 
 def check_views(ctx: StepContext, t_state, x) -> jax.Array:
@@ -421,6 +486,8 @@ def distill_card(student, teacher, c: DistillConfig, kinds, views, before, optim
         "kl_before": before,
         "kl_after": after,
     }
+    if c.time_budget is not None:
+        card["distill"]["time_budget"] = float(c.time_budget)
     if not after <= 1.01 * before + 1e-4:  # beyond rounding: the training hurt
         warnings.warn(
             f"distillation raised the KL on the probes (augmented as in training) "

@@ -30,6 +30,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ..deadline import stop_before_scan
 from .strategies import Strategy
 
 HISTORY_KEYS = ("best", "mean", "best_so_far", "kept")
@@ -180,6 +181,7 @@ class SearchResult:
     seconds: float
     compile_seconds: float
     evaluations: int
+    generations: int  # run: fewer than asked when a deadline stopped the search
 
 
 class Checkpointer:
@@ -272,6 +274,7 @@ def run(
     checkpoint_every: int = 1,
     resume: bool = False,
     chunk: int | None = None,
+    deadline: float | None = None,
 ) -> SearchResult:
     """Runs ``generations`` generations of ``strategy`` on ``problem``.
 
@@ -284,6 +287,9 @@ def run(
         callback: called with the state after every scan (progress display).
         checkpointer: save the state every ``checkpoint_every`` scans; with
             ``resume`` start from its newest checkpoint.
+        deadline: a ``time.perf_counter()`` value: the search stops before a
+            scan that would end after it (:func:`gapruning.deadline.stop_before_scan`);
+            the unrun generations' history stays NaN.
     """
     generations_per_scan = scan_length(generations_per_scan, chunk)
     t0 = time.perf_counter()
@@ -305,8 +311,9 @@ def run(
     jax.block_until_ready(state)
     scans: dict[int, Callable] = {}
     done = int(state.generation)
-    n_scans = 0
-    while done < generations:
+    n_scans, last_scan = 0, 0.0
+    while done < generations and not stop_before_scan(deadline, done, last_scan):
+        scan_start = time.perf_counter()
         length = min(generations_per_scan, generations - done)
         if length not in scans:
             c0 = time.perf_counter()
@@ -323,6 +330,7 @@ def run(
             n_scans % checkpoint_every == 0 or done == generations
         ):
             checkpointer.save(state)
+        last_scan = time.perf_counter() - scan_start
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
     best_genome = np.asarray(state.best_genome)
@@ -339,5 +347,6 @@ def run(
         history={k: np.asarray(v) for k, v in state.history.items()},
         seconds=seconds,
         compile_seconds=compile_seconds,
-        evaluations=start_evals + generations * strategy.population_size,
+        evaluations=start_evals + done * strategy.population_size,
+        generations=done,
     )
