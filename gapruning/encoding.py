@@ -218,13 +218,15 @@ class UnitEncoding:
 
 
 def l1_unit_scores(model: Net, space: PruneSpace) -> np.ndarray:
-    """L1 norm of each unit's incoming weights (summed over coupled producers)."""
+    """L1 norm of each unit's incoming weights (summed over coupled producers,
+    and over the channels of a unit spanning several: an attention head)."""
     scores = []
     for g in space.groups:
         total = np.zeros(g.size)
         for layer in g.members:
             kernel = np.asarray(model.layers[layer].kernel[...])
-            total += np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(0)
+            per_channel = np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(0)
+            total += per_channel.reshape(g.size, -1).sum(1)
         scores.append(total)
     return np.concatenate(scores)
 

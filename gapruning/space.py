@@ -33,10 +33,10 @@ from .models.ops import op_of
 @dataclasses.dataclass(frozen=True)
 class Group:
     """A prunable group: ``size`` units of ``kind`` "dense" (hidden units), "conv"
-    (output channels) or "heads" (attention heads). ``members`` are the producer layers whose outputs it masks
-    (several when a residual addition couples them). A unit may span several
-    channels (:meth:`PruneSpace.unit_width`: an attention head's query, key and
-    value channels)."""
+    (output channels) or "heads" (attention heads). ``members`` are the producer
+    layers whose outputs it masks (several when a residual addition couples them).
+    A unit may span several channels (:meth:`PruneSpace.unit_width`: an attention
+    head's query, key and value channels)."""
 
     name: str
     size: int

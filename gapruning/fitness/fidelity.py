@@ -16,7 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ..models.graph import PRODUCERS, mask_read
+from ..models.graph import PRODUCERS, Node, mask_read
+from ..models.ops import op_of
 from .base import FitnessError, dense_logits, register_metric
 
 
@@ -84,12 +85,12 @@ def logit_mse(cache, pruned_apply, masks, probes):
     return jnp.mean((zp - cache["logits"]) ** 2)
 
 
-def _feature_tensors(net) -> dict[str, str | None]:
+def _feature_tensors(net) -> dict[str, Node | None]:
     """Inputs of every Dense/Conv layer except those reading the network input:
-    the tensor before its mask -> the mask's group (``None`` if unmasked)."""
+    the tensor before its mask -> the mask node (``None`` if unmasked)."""
     by_name = {n.name: n for n in net.nodes}
     first = net.nodes[0].name
-    out: dict[str, str | None] = {}
+    out: dict[str, Node | None] = {}
     for n in net.nodes:
         if n.op not in PRODUCERS or n.inputs[0] == first:
             continue
@@ -97,7 +98,7 @@ def _feature_tensors(net) -> dict[str, str | None]:
         if mask is None:
             out[n.inputs[0]] = None
         else:
-            out[mask.inputs[0]] = mask.attr("group")
+            out[mask.inputs[0]] = mask
     return out
 
 
@@ -132,8 +133,9 @@ def feature_fidelity(cache, pruned_apply, masks, probes, opts: FeatureOptions):
         axes = tuple(range(h.ndim - 1))
         kept_err = jnp.sum((feats[name][: opts.max_probes] - h) ** 2, axis=axes)
         removed_err = jnp.sum(h**2, axis=axes)
-        group = groups[name]
-        m = 1.0 if group is None else jnp.asarray(masks[group], h.dtype)
+        node = groups[name]
+        m = 1.0 if node is None else op_of(node).mask_vector(node, masks.__getitem__)
+        m = jnp.asarray(m, h.dtype)
         err = jnp.sum(m * kept_err + (1 - m) * removed_err)
         errs.append(err / (jnp.sum(removed_err) + 1e-12))
     return sum(errs) / len(errs)

@@ -450,7 +450,7 @@ def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
     output_space = space_of[nodes[-1].name]
     pieces, fixed_spaces = _concat_pieces(nodes, space_of, members)
     fixed_spaces |= {space_of[t] for t in fixed_inputs}
-    units, mixed = _unit_widths(nodes, space_of, pieces)
+    units, mixed, unit_names = _unit_widths(nodes, space_of, pieces)
     fixed_spaces |= mixed
     allowed = ("producer", "channelwise", "join", "remap")
     prunable, kinds = {}, {}
@@ -460,25 +460,26 @@ def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
         if not producers or fixed or sid == output_space or sid in fixed_spaces:
             continue
         adds = [m.attr("group") for m in ms if m.op == "add" and m.attr("group")]
-        prunable[sid] = adds[0] if adds else producers[0].name
+        prunable[sid] = adds[0] if adds else unit_names.get(sid, producers[0].name)
         kinds[sid] = "heads" if sid in units else producers[0].op
     return ChannelSpaces(space_of, prunable, kinds, pieces, units)
 
 
 def _unit_widths(nodes, space_of, pieces):
-    """``(units, fixed)``: channels per unit of the spaces whose ops group their
-    channels (:meth:`~gapruning.models.ops.Op.unit_width`), and the spaces that
-    cannot be pruned in such units (two different widths, or a piece of a
-    concatenation)."""
-    units, fixed = {}, set()
+    """``(units, fixed, names)``: channels per unit of the spaces whose ops group
+    their channels (:meth:`~gapruning.models.ops.Op.unit_width`), the spaces
+    that cannot be pruned in such units (two different widths, or a piece of a
+    concatenation), and the first such op of each space (it names the group)."""
+    units, fixed, names = {}, set(), {}
     for n in nodes:
         width = op_of(n).unit_width(n)
         if width > 1:
             sid = space_of[n.name]
+            names.setdefault(sid, n.name)
             if units.setdefault(sid, width) != width:
                 fixed.add(sid)
     fixed |= {space_of[t] for ts in pieces.values() for t in ts} & set(units)
-    return units, fixed
+    return units, fixed, names
 
 
 def _concat_pieces(nodes, space_of, members):

@@ -37,7 +37,9 @@ class Tokens(ShapeOp):
         return x.reshape(*x.shape[:-3], -1, x.shape[-1])
 
     def onnx(self, w, node, ins):
-        shape = w.const(f"{node.name}.shape", np.array([0, node.shape[-1], -1], np.int64))
+        shape = w.const(
+            f"{node.name}.shape", np.array([0, node.shape[-1], -1], np.int64)
+        )
         x = w.emit("Reshape", [ins[0], shape], f"{node.name}.chw")
         return w.emit("Transpose", [x], node.name, perm=[0, 2, 1])
 
