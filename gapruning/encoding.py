@@ -225,10 +225,17 @@ def l1_unit_scores(model: Net, space: PruneSpace) -> np.ndarray:
         total = np.zeros(g.size)
         for layer in g.members:
             kernel = np.asarray(model.layers[layer].kernel[...])
-            per_channel = np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(0)
-            total += per_channel.reshape(g.size, -1).sum(1)
+            total += per_unit(
+                np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(0), g.size
+            )
         scores.append(total)
     return np.concatenate(scores)
+
+
+def per_unit(per_channel: np.ndarray, size: int) -> np.ndarray:
+    """Per-channel values of a group of ``size`` units summed per unit (a unit
+    spans several consecutive channels for an attention head)."""
+    return per_channel.reshape(size, -1).sum(1)
 
 
 def standardize_per_group(scores: np.ndarray, space: PruneSpace) -> np.ndarray:

@@ -2,8 +2,9 @@
 compact exactly: a MobileNetV2-style inverted residual, a squeeze-excite block
 (MobileNetV3-style: hardswish, hardsigmoid gate, conv 1x1 on the pooled map),
 activations, adaptive pooling and max pooling with ceil_mode; tiny torchvision
-ConvNeXt and ShuffleNetV2 (permutes to channels-last, LayerNorm, layer scale,
-channel split and shuffle) convert, prune, compact and export."""
+ConvNeXt, ShuffleNetV2 (permutes to channels-last, LayerNorm, layer scale,
+channel split and shuffle) and ViT (tokens, class token, position embedding,
+multi-head attention) convert, prune, compact and export."""
 
 import numpy as np
 import pytest

@@ -16,6 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ..forward import mask_kind
 from ..models.graph import PRODUCERS, Node, mask_read
 from ..models.ops import op_of
 from .base import FitnessError, dense_logits, register_metric
@@ -124,9 +125,12 @@ def feature_fidelity(cache, pruned_apply, masks, probes, opts: FeatureOptions):
     depend on the masks (layers before the first mask) the sums over probes are
     then shared by the whole population instead of repeated per individual. The
     features are tapped on all probes, in the pass a composite's terms share.
+    Kernel masks (``ga_scores``) remove no unit: every ``m_l`` is then one.
     """
     dense = cache["feats"]
     groups = _feature_tensors(pruned_apply.net)
+    if mask_kind(pruned_apply.net, masks) == "weights":  # every unit is there
+        groups = dict.fromkeys(groups)
     _, feats = pruned_apply.taps(masks, probes, tuple(dense))
     errs = []
     for name, h in dense.items():
