@@ -67,14 +67,15 @@ def module_call(g: NCHWGraph, mod, target, args, unsupported, kw=None):
 def _attention_module(g: NCHWGraph, mod, target, args, kw, unsupported):
     """``nn.MultiheadAttention`` as self-attention of ``(N, T, C)`` tokens:
     ``(output, None)`` (the attention weights are not computed)."""
-    bound = _bind(
-        ["query", "key", "value", "key_padding_mask", "need_weights"], args, kw
-    )
-    same = bound.get("key") is bound["query"] and bound.get("value") is bound["query"]
+    names = ["query", "key", "value", "key_padding_mask", "need_weights"]
+    bound = _bind([*names, "attn_mask", "average_attn_weights", "is_causal"], args, kw)
+    q = bound.get("query")
+    same = bound.get("key") is q and bound.get("value") is q
     limits = {
         "not self-attention (query, key and value differ)": not same,
+        "a query that is not a tensor": not isinstance(q, Val),
         "batch_first=False": not mod.batch_first,
-        "kdim/vdim other than embed_dim": not mod._qkv_same_embed_dim,
+        "kdim/vdim other than embed_dim": mod.in_proj_weight is None,
         "bias_k/bias_v": mod.bias_k is not None,
         "add_zero_attn": mod.add_zero_attn,
         "a mask": any(
@@ -92,9 +93,7 @@ def _attention_module(g: NCHWGraph, mod, target, args, kw, unsupported):
         _np(out.weight),
         _np(out.bias),
     )
-    return g.self_attention(
-        bound["query"], weights, mod.num_heads, name=sanitize(target)
-    ), None
+    return g.self_attention(q, weights, mod.num_heads, name=sanitize(target)), None
 
 
 def _module_activation(mod) -> tuple[str, dict] | None:
@@ -259,7 +258,7 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
     if fn is operator.getitem and isinstance(x, (tuple, list)):
         return x[args[1]]  # a part of a chunk/split, or of x.size()
     if fn in _INT_OPS and _plain_ints(args):
-        return _INT_OPS[fn](*args)  # shape arithmetic (channels per group...)
+        return fn(*args)  # shape arithmetic (channels per group, patch counts)
     if fn is getattr and args[1:] == ["shape"] and isinstance(x, Val):
         return _size(g, x, None)
     if fn is torch._assert:
@@ -288,11 +287,7 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
     return out
 
 
-_INT_OPS = {
-    operator.floordiv: operator.floordiv,
-    operator.mul: operator.mul,
-    operator.eq: operator.eq,
-}
+_INT_OPS = frozenset({operator.floordiv, operator.mul, operator.eq})
 
 
 def _bind(names, args, kw) -> dict:
