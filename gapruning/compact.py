@@ -4,8 +4,9 @@ Generic over the graph, each op compacting itself (the op table's
 :meth:`~gapruning.models.ops.Op.compact_params` / ``compact_attrs``): each
 Dense/Conv keeps the rows of its kept input units and the columns of its kept
 output units, BatchNorm keeps the entries of its kept channels, a Dense after
-Flatten keeps every spatial position of the kept channels, and a parameter-free
-shortcut (``channel_map``) re-indexes into the kept channels.
+Flatten keeps every spatial position of the kept channels, a parameter-free
+shortcut (``channel_map``) re-indexes into the kept channels, and a unit spanning
+several channels (an attention head) keeps or loses all of them.
 Coupled groups are removed from every member at once. The compacted network still
 has (all-ones) masks, so it can be pruned again.
 """
@@ -46,7 +47,9 @@ def kept_index(space: PruneSpace, masks: Mapping, tensor: str, width: int):
     group = space.group_of(tensor)
     if group is None:
         return np.arange(width)
-    return np.flatnonzero(np.asarray(masks[group]).astype(bool))
+    units = np.flatnonzero(np.asarray(masks[group]).astype(bool))
+    unit = space.unit_width(tensor)
+    return (units[:, None] * unit + np.arange(unit)[None, :]).ravel()
 
 
 def compact(

@@ -218,15 +218,24 @@ class UnitEncoding:
 
 
 def l1_unit_scores(model: Net, space: PruneSpace) -> np.ndarray:
-    """L1 norm of each unit's incoming weights (summed over coupled producers)."""
+    """L1 norm of each unit's incoming weights (summed over coupled producers,
+    and over the channels of a unit spanning several: an attention head)."""
     scores = []
     for g in space.groups:
         total = np.zeros(g.size)
         for layer in g.members:
             kernel = np.asarray(model.layers[layer].kernel[...])
-            total += np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(0)
+            total += per_unit(
+                np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(0), g.size
+            )
         scores.append(total)
     return np.concatenate(scores)
+
+
+def per_unit(per_channel: np.ndarray, size: int) -> np.ndarray:
+    """Per-channel values of a group of ``size`` units summed per unit (a unit
+    spans several consecutive channels for an attention head)."""
+    return per_channel.reshape(size, -1).sum(1)
 
 
 def standardize_per_group(scores: np.ndarray, space: PruneSpace) -> np.ndarray:

@@ -32,9 +32,11 @@ from .models.ops import op_of
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """A prunable group: ``size`` units of ``kind`` "dense" (hidden units) or "conv"
-    (output channels). ``members`` are the producer layers whose outputs it masks
-    (several when a residual addition couples them)."""
+    """A prunable group: ``size`` units of ``kind`` "dense" (hidden units), "conv"
+    (output channels) or "heads" (attention heads). ``members`` are the producer
+    layers whose outputs it masks (several when a residual addition couples them).
+    A unit may span several channels (:meth:`PruneSpace.unit_width`: an attention
+    head's query, key and value channels)."""
 
     name: str
     size: int
@@ -89,11 +91,12 @@ class PruneSpace:
                 for n in nodes
                 if op_of(n).flow == "producer" and spaces.space_of[n.name] == sid
             )
-            size = by_name[members[0]].shape[-1]
+            size = by_name[members[0]].shape[-1] // spaces.units.get(sid, 1)
             groups.append(Group(g, size, spaces.kinds[sid], members))
         self.groups: tuple[Group, ...] = tuple(groups)
         self.nodes: tuple[Node, ...] = nodes
         self._space_of = spaces.space_of
+        self._spaces = spaces
         self._pieces = spaces.pieces
         self._space_group = space_group
         self._by_name = by_name
@@ -127,6 +130,11 @@ class PruneSpace:
         g = self._space_group.get(self._space_of[node_name])
         return None if g is None else self.groups[g].name
 
+    def unit_width(self, tensor: str) -> int:
+        """Channels per prunable unit of ``tensor`` (an attention op's heads:
+        ``head_dim``; else 1)."""
+        return self._spaces.unit_of(tensor)
+
     def pieces_of(self, tensor: str) -> tuple[str, ...]:
         """The tensors a concatenation put one after the other to make
         ``tensor``'s channels (empty unless it is made of pieces)."""
@@ -146,7 +154,7 @@ class PruneSpace:
         if pieces:
             return [p for t in pieces for p in self.unit_ref(t)]
         g = self._space_group.get(self._space_of[tensor], -1)
-        return [(1, g)] if g >= 0 else [(node.shape[-1], -1)]
+        return [(self.unit_width(tensor), g)] if g >= 0 else [(node.shape[-1], -1)]
 
     def _cost_terms(self):
         """Each op's terms from the op table (:meth:`~gapruning.models.ops.Op.cost`)."""

@@ -235,3 +235,21 @@ def tiny_shufflenet(classes=5):
     from torchvision.models.shufflenetv2 import ShuffleNetV2
 
     return randomize_bn(ShuffleNetV2([2, 1, 1], [8, 16, 32, 64, 48], classes))
+
+
+def tiny_vit(classes=5, heads=4, **kw):
+    """torchvision's VisionTransformer on 32x32 inputs: 8x8 patches, two blocks
+    of ``heads`` heads (16 channels), MLPs of 32 hidden units; random class
+    token, position embedding, LayerNorms and head (fresh ones are zeros/ones)."""
+    import torch
+
+    torchvision()
+    from torchvision.models import VisionTransformer
+
+    size = dict(image_size=32, patch_size=8, num_layers=2, hidden_dim=16, mlp_dim=32)
+    vit = VisionTransformer(**size, num_heads=heads, num_classes=classes, **kw)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in (vit.class_token, vit.encoder.pos_embedding, vit.heads.head.weight):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return randomize_norms(vit).eval()

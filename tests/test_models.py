@@ -109,7 +109,7 @@ def test_output_layer_and_input_are_never_prunable():
 
 def test_builder_rejects_bad_graphs():
     g = GraphBuilder((4, 4, 2))
-    with pytest.raises(ValueError, match="flat input"):
+    with pytest.raises(ValueError, match="a vector or tokens"):
         g.dense(g.input, 3)
     with pytest.raises(ValueError, match="unknown node"):
         g.relu("nope")

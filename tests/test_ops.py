@@ -60,6 +60,21 @@ def _ln_head(g, x):
     return g.dense(g.layernorm(g.dense(h, 4, name="fc2")), 3, name="out")
 
 
+def _token_head(g, x):
+    """A dense layer on each token (a prunable group), then the first token."""
+    h = g.relu(g.dense(x, 5, name="tf"))
+    return g.dense(g.select_token(h), 3, name="out")
+
+
+def _attention(g, x):
+    """Patch tokens, a class token and position embedding, two heads of
+    attention: the q, k, v projections and the attention output are one group
+    of heads."""
+    x = g.pos_embedding(g.class_token(g.tokens(x), 2))
+    q, k, v = (g.dense(x, 6, name=t) for t in "qkv")
+    return g.attention(q, k, v, 2, name="attn")
+
+
 def _conv_head(g, x):
     h = g.relu(g.conv(x, 5, 3, name="c2"))
     return g.dense(g.global_avgpool(h), 3, name="out")
@@ -95,6 +110,11 @@ BODIES = {
     "concat_mask": (_concat, _flat_head),
     "layernorm": (lambda g, x: g.layernorm(x), _ln_head),
     "channel_shuffle": (_shuffle, _conv_head),
+    "tokens": (lambda g, x: g.tokens(x), _token_head),
+    "class_token": (lambda g, x: g.class_token(g.tokens(x)), _token_head),
+    "pos_embedding": (lambda g, x: g.pos_embedding(g.tokens(x)), _token_head),
+    "select_token": (lambda g, x: g.tokens(x), _token_head),
+    "attention": (_attention, _token_head),
 }
 for _act in ("relu6", "hardswish", "hardsigmoid", "silu"):
     BODIES[_act] = (lambda g, x, a=_act: g.activation(x, a), _conv_head)
@@ -145,8 +165,9 @@ def inputs(n=16, seed=1):
 
 
 def reference_flops(net: Net) -> int:
-    """Multiply-accumulates of every layer with a kernel: output positions times
-    kernel entries (the convention of :mod:`gapruning.space`)."""
+    """Multiply-accumulates of every layer with a kernel: output positions (or
+    tokens) times kernel entries, and of attention's two matrix products per
+    head, ``T * T * head_dim`` each (the convention of :mod:`gapruning.space`)."""
     total = 0
     for n in net.nodes:
         kernel = (
@@ -155,8 +176,10 @@ def reference_flops(net: Net) -> int:
             else None
         )
         if kernel is not None:
-            area = math.prod(n.shape[:-1]) if len(n.shape) == 3 else 1
-            total += area * kernel[...].size
+            total += math.prod(n.shape[:-1]) * kernel[...].size
+        if n.op == "attention":
+            t = n.shape[0]
+            total += 2 * n.attr("heads") * t * t * n.attr("head_dim")
     return total
 
 
@@ -331,7 +354,7 @@ def test_gelu_tanh_form_has_no_onnx_export():
     assert np.isfinite(np.asarray(jax.jit(net.model)(x))).all()
 
 
-@pytest.mark.parametrize("op", ["concat", "mul", "dwconv"])
+@pytest.mark.parametrize("op", ["concat", "mul", "dwconv", "attention"])
 def test_population_fitness_matches_one_individual_at_a_time(op):
     """The vmapped population pass (split into shared and per-individual nodes)
     gives each individual the fitness it gets alone."""
@@ -346,7 +369,8 @@ def test_population_fitness_matches_one_individual_at_a_time(op):
 
 
 @pytest.mark.parametrize(
-    "op", ["concat", "gelu", "adaptive_avgpool", "dwconv", "channel_shuffle"]
+    "op",
+    ["concat", "gelu", "adaptive_avgpool", "dwconv", "channel_shuffle", "attention"],
 )
 def test_save_and_load_keep_the_op(op, tmp_path):
     net = network(op)

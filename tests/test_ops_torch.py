@@ -2,8 +2,9 @@
 compact exactly: a MobileNetV2-style inverted residual, a squeeze-excite block
 (MobileNetV3-style: hardswish, hardsigmoid gate, conv 1x1 on the pooled map),
 activations, adaptive pooling and max pooling with ceil_mode; tiny torchvision
-ConvNeXt and ShuffleNetV2 (permutes to channels-last, LayerNorm, layer scale,
-channel split and shuffle) convert, prune, compact and export."""
+ConvNeXt, ShuffleNetV2 (permutes to channels-last, LayerNorm, layer scale,
+channel split and shuffle) and ViT (tokens, class token, position embedding,
+multi-head attention) convert, prune, compact and export."""
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from convert_nets import (  # noqa: E402
     rel_diff,
     tiny_convnext,
     tiny_shufflenet,
+    tiny_vit,
     torch_out,
 )
 from torch import nn  # noqa: E402
@@ -261,16 +263,27 @@ def test_unsupported_layers_fail_naming_them():
 
 # ------------------------------------------------------------ torchvision families
 
-FAMILIES = {"convnext": tiny_convnext, "shufflenet_v2": tiny_shufflenet}
+FAMILIES = {
+    "convnext": tiny_convnext,
+    "shufflenet_v2": tiny_shufflenet,
+    "vit": tiny_vit,
+}
 SIZE = (32, 32, 3)
 # the prunable groups: ConvNeXt's MLP hidden units (Linear(C, 4C) of each block);
 # ShuffleNetV2's stem, head conv and the 1x1 conv opening each block's branch
-# (with the depthwise conv after it): the concatenated, shuffled channels are not
+# (with the depthwise conv after it): the concatenated, shuffled channels are not;
+# ViT's attention heads and MLP hidden units of each block (the residual stream,
+# normalized by LayerNorms, is not)
 FAMILY_GROUPS = {
     "convnext": {"features_1_0_block_3": 32, "features_3_0_block_3": 64},
     "shufflenet_v2": {"conv1_0": 8, "conv5_0": 48}
     | {f"stage{s}_{b}_branch2_0": c for s, b, c in [(2, 0, 8), (2, 1, 8), (3, 0, 16)]}
     | {"stage4_0_branch2_0": 32},
+    "vit": {
+        f"encoder_layers_encoder_layer_{i}_{part}": size
+        for i in range(2)
+        for part, size in (("self_attention", 4), ("mlp_0", 32))
+    },
 }
 
 
@@ -295,6 +308,11 @@ def test_torchvision_family_groups(family):
     if name == "convnext":
         assert {"layernorm", "gelu", "dwconv"} <= ops
         assert space.group_of("features_1_0_block_0") is None  # the residual stream
+    elif name == "vit":
+        assert {"tokens", "class_token", "pos_embedding", "attention"} <= ops
+        assert "select_token" in ops and space.group_of("conv_proj") is None
+        attn = "encoder_layers_encoder_layer_0_self_attention"
+        assert space.group_of(f"{attn}_v") == attn and space.unit_width(attn) == 4
     else:
         assert {"channel_shuffle", "channel_map", "concat"} <= ops
         assert space.group_of("stage2_1_branch2_3") == "stage2_1_branch2_0"

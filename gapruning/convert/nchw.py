@@ -24,11 +24,13 @@ How the layouts are reconciled:
 * permutes to channels-last and back, channel-group views (channel shuffle) and
   channel splits change only how the framework sees a tensor
   (:mod:`~gapruning.convert.nchw_layout`): a dense layer on a channels-last map
-  is a 1x1 convolution, a LayerNorm there normalizes the channels.
+  is a 1x1 convolution, a LayerNorm there normalizes the channels;
+* a feature map reshaped to ``(N, C, H * W)`` and transposed is a token
+  sequence (:mod:`~gapruning.convert.nchw_tokens`: vision transformers).
 
 Limits: only vector outputs (a flattened feature map with more than one position
 and channel cannot be the model's output, its order would differ); dense layers
-read vectors and channels-last maps only.
+read vectors, channels-last maps and channels-last tokens only.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 from ..models.graph import GraphBuilder, Node
 from .common import ConversionError, ShapeMismatchError, unique_name
 from .nchw_layout import LayoutOps, Val, laid_out
+from .nchw_tokens import TokenOps
 
 __all__ = ["NCHWGraph", "Val"]
 
@@ -49,7 +52,7 @@ __all__ = ["NCHWGraph", "Val"]
 LAST = ("nchw", "nhwc")
 
 
-class NCHWGraph(LayoutOps):
+class NCHWGraph(LayoutOps, TokenOps):
     """Builds a node tuple and its parameters from channels-first operations.
 
     Args:
@@ -93,6 +96,8 @@ class NCHWGraph(LayoutOps):
             return laid_out((c, h, w), v.layout, v.groups)
         if v.kind == "pooled":
             return laid_out((shape[-1], 1, 1), v.layout, v.groups)
+        if v.kind == "tokens" and v.layout == "nchw":
+            return shape[::-1]
         return shape
 
     def _real(self, v: Val) -> Val:
@@ -120,6 +125,7 @@ class NCHWGraph(LayoutOps):
                 "map": f"a feature map of shape {self.fw_shape(v)}",
                 "flat": f"a vector of {self.fw_shape(v)[0]} features",
                 "pooled": f"a pooled map of shape {self.fw_shape(v)}",
+                "tokens": f"tokens of shape {self.fw_shape(v)}",
             }[v.kind]
             if v.layout != "nchw":
                 what = f"{what} in {v.layout.upper()} layout"
@@ -160,7 +166,8 @@ class NCHWGraph(LayoutOps):
     def linear(self, x: Val, weight, bias, *, name: str) -> Val:
         """``y = x @ weight.T + bias``, ``weight`` of shape ``(out, in)``; on a
         channels-last map a 1x1 convolution (a Dense per position)."""
-        x = self._need(x, ("flat", "map", "pooled"), "dense layer", name, LAST)
+        kinds = ("flat", "map", "pooled", "tokens")
+        x = self._need(x, kinds, "dense layer", name, LAST)
         if x.kind != "flat" and x.layout != "nhwc":
             x = self._need(x, ("flat",), "dense layer", name)
         weight = np.asarray(weight, np.float32)
@@ -262,7 +269,8 @@ class NCHWGraph(LayoutOps):
     def layernorm(self, x: Val, scale, bias, *, epsilon, name: str) -> Val:
         """LayerNorm over the last axis: the features of a vector, or the
         channels of a channels-last map."""
-        x = self._need(x, ("flat", "map", "pooled"), "layer norm", name, LAST)
+        kinds = ("flat", "map", "pooled", "tokens")
+        x = self._need(x, kinds, "layer norm", name, LAST)
         if x.kind != "flat" and x.layout != "nhwc":
             self.unsupported(
                 f"layer norm {name!r} over the last axis of a tensor of shape "
@@ -279,7 +287,10 @@ class NCHWGraph(LayoutOps):
         return self._like(x, node)
 
     def affine(self, x: Val, scale=None, shift=None, *, name: str) -> Val:
-        """``x * scale + shift`` with per-channel (or scalar) constants."""
+        """``x * scale + shift`` with per-channel (or scalar) constants; a
+        constant added to tokens is a position embedding."""
+        if x.kind == "tokens" and scale is None:
+            return self.pos_embedding(x, shift, name=name)
         x = self._need(x, ("map", "flat", "pooled"), "affine", name, LAST)
         n, kind = self.g.shape(x.node)[-1], "flat" if x.layout == "nhwc" else x.kind
         s = np.ones(n, np.float32) if scale is None else _per_channel(scale, n, kind)

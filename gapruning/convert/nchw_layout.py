@@ -61,6 +61,8 @@ PERMUTES = {
     ("nhwc", (0, 3, 1, 2)): "nchw",
     ("grouped", (0, 2, 1, 3, 4)): "swapped",
     ("swapped", (0, 2, 1, 3, 4)): "grouped",
+    ("nchw", (0, 2, 1)): "nhwc",  # tokens (N, C, T) <-> (N, T, C)
+    ("nhwc", (0, 2, 1)): "nchw",
 }
 
 
@@ -104,8 +106,9 @@ class LayoutOps:
 
     def reshape(self, x: Val, shape, *, name: str) -> Val:
         """``x.view(shape)`` (batch entry ``-1``, ``0`` or the batch size): to
-        ``(N, features)``, a map to ``(N, g, C / g, H, W)`` and such a view back
-        to ``(N, C, H, W)`` (a channel shuffle when the groups were swapped)."""
+        ``(N, features)``, a map to ``(N, C, H * W)`` (tokens), a map to
+        ``(N, g, C / g, H, W)`` and such a view back to ``(N, C, H, W)`` (a
+        channel shuffle when the groups were swapped)."""
         x = self._real(x)
         have, want = self.fw_shape(x), tuple(int(d) for d in shape[1:])
         total = 1
@@ -115,6 +118,10 @@ class LayoutOps:
             return x
         if len(want) == 1 and want[0] in (-1, total) and x.layout in ("nchw", "nhwc"):
             return self.flatten(x, name=name)
+        if x.kind == "map" and x.layout == "nchw" and len(want) == 2:
+            c, h, w = have
+            if want in ((c, h * w), (c, -1), (-1, h * w)):
+                return self.tokens(x, name=name)
         if x.kind == "map" and x.layout == "nchw" and len(want) == 4:
             g = want[0]
             c, h, w = have
@@ -126,7 +133,8 @@ class LayoutOps:
                 return self.ungroup(x, name=name)
         self.unsupported(
             f"reshape {name!r} of a tensor of shape {have} to {tuple(shape)} (only "
-            "to (N, features), and the channel-group views of a channel shuffle)"
+            "to (N, features), (N, C, H * W) tokens, and the channel-group views "
+            "of a channel shuffle)"
         )
 
     def ungroup(self, x: Val, *, name: str) -> Val:

@@ -14,6 +14,7 @@ import numpy as np
 from .common import pair, sanitize
 from .nchw import NCHWGraph, Val
 from .nchw_layout import chunk_sizes
+from .nchw_tokens import Batched
 from .torch_state import conv_pads, flax_momentum
 
 
@@ -21,12 +22,14 @@ def _np(t):
     return None if t is None else t.detach().cpu().float().numpy()
 
 
-def module_call(g: NCHWGraph, mod, target, args, unsupported):
-    """The call of submodule ``mod`` (named ``target``) on ``args``."""
+def module_call(g: NCHWGraph, mod, target, args, unsupported, kw=None):
+    """The call of submodule ``mod`` (named ``target``) on ``args`` and ``kw``."""
     from torch import nn
 
     name = sanitize(target)
     x = args[0] if args else None
+    if isinstance(mod, nn.MultiheadAttention):
+        return _attention_module(g, mod, target, args, kw or {}, unsupported)
     if not isinstance(x, Val) or len(args) != 1:
         unsupported(f"call of {target!r} ({type(mod).__name__}) with these arguments")
     if isinstance(mod, nn.Linear):
@@ -59,6 +62,38 @@ def module_call(g: NCHWGraph, mod, target, args, unsupported):
             unsupported(f"layer {target!r} (AdaptiveAvgPool2d({mod.output_size}))")
         return g.adaptive_avgpool(x, pair(mod.output_size), name=name)
     unsupported(f"layer {target!r} ({type(mod).__name__})")
+
+
+def _attention_module(g: NCHWGraph, mod, target, args, kw, unsupported):
+    """``nn.MultiheadAttention`` as self-attention of ``(N, T, C)`` tokens:
+    ``(output, None)`` (the attention weights are not computed)."""
+    names = ["query", "key", "value", "key_padding_mask", "need_weights"]
+    bound = _bind([*names, "attn_mask", "average_attn_weights", "is_causal"], args, kw)
+    q = bound.get("query")
+    same = bound.get("key") is q and bound.get("value") is q
+    limits = {
+        "not self-attention (query, key and value differ)": not same,
+        "a query that is not a tensor": not isinstance(q, Val),
+        "batch_first=False": not mod.batch_first,
+        "kdim/vdim other than embed_dim": mod.in_proj_weight is None,
+        "bias_k/bias_v": mod.bias_k is not None,
+        "add_zero_attn": mod.add_zero_attn,
+        "a mask": any(
+            bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")
+        ),
+        "is_causal": bool(bound.get("is_causal", False)),
+    }
+    missing = [what for what, bad in limits.items() if bad]
+    if missing:
+        unsupported(f"layer {target!r} (MultiheadAttention with {', '.join(missing)})")
+    out = mod.out_proj
+    weights = (
+        _np(mod.in_proj_weight),
+        _np(mod.in_proj_bias),
+        _np(out.weight),
+        _np(out.bias),
+    )
+    return g.self_attention(q, weights, mod.num_heads, name=sanitize(target)), None
 
 
 def _module_activation(mod) -> tuple[str, dict] | None:
@@ -222,13 +257,23 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
         return layout_call(g, n, fn.__name__, args, kw, unsupported)
     if fn is operator.getitem and isinstance(x, (tuple, list)):
         return x[args[1]]  # a part of a chunk/split, or of x.size()
-    if fn is operator.floordiv and _plain_ints(args):
-        return args[0] // args[1]  # shape arithmetic (channels per group)
+    if fn in _INT_OPS and _plain_ints(args):
+        return fn(*args)  # shape arithmetic (channels per group, patch counts)
+    if fn is getattr and args[1:] == ["shape"] and isinstance(x, Val):
+        return _size(g, x, None)
+    if fn is torch._assert:
+        if args[0] is False:
+            unsupported(f"call {n.name!r} (torch._assert failed: {args[1]})")
+        return None
     if fn is torch.cat:
         dim = args[1] if len(args) > 1 else kw.get("dim", 0)
+        if any(isinstance(v, Batched) for v in x):
+            return g.prepend_tokens(list(x), dim, name=name)
         if not all(isinstance(v, Val) for v in x):
             unsupported(f"call {n.name!r} (torch.cat of non-tensors)")
         return g.concat(list(x), dim, name=name)
+    if fn is operator.getitem and isinstance(x, Val) and x.kind == "tokens":
+        return g.select_token(x, args[1], name=name)
     if fn is operator.getitem and isinstance(x, Val):
         stride = _spatial_stride(args[1])
         if stride is None:
@@ -240,6 +285,9 @@ def function_call(g: NCHWGraph, n, args, kw, unsupported, torch, F):
     if out is None:
         unsupported(f"call {n.name!r} ({getattr(fn, '__name__', fn)})")
     return out
+
+
+_INT_OPS = frozenset({operator.floordiv, operator.mul, operator.eq})
 
 
 def _bind(names, args, kw) -> dict:
@@ -386,8 +434,12 @@ def method_call(g: NCHWGraph, n, args, kw, unsupported):
     m = n.target
     name = sanitize(n.name)
     x = args[0] if args else None
+    if m == "expand" and isinstance(x, np.ndarray) and isinstance(args[1], _Size):
+        return Batched(x)  # a learned token repeated over the batch
     if not isinstance(x, Val):
         unsupported(f"method call {n.name!r} (.{m} on a non-tensor)")
+    if m == "dim":
+        return len(g.fw_shape(x)) + 1
     if m == "size":
         return _size(g, x, args[1] if len(args) > 1 else kw.get("dim"))
     if m == "contiguous":
@@ -410,6 +462,8 @@ def method_call(g: NCHWGraph, n, args, kw, unsupported):
         return g.softmax(x, dim, name=name)
     if m == "flatten":
         start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
+        if start == 2 and x.kind == "map":
+            return g.tokens(x, name=name)  # (N, C, H * W)
         if start != 1 or (args[2] if len(args) > 2 else kw.get("end_dim", -1)) != -1:
             unsupported(f"method call {n.name!r} (.flatten from dim {start})")
         return g.flatten(x, name=name)

@@ -77,7 +77,7 @@ def _translate(g, gm, n, args, kw, unsupported):
 
     if n.op == "call_module":
         mod = gm.get_submodule(n.target)
-        return module_call(g, mod, str(n.target), args, unsupported)
+        return module_call(g, mod, str(n.target), args, unsupported, kw)
     if n.op == "call_function":
         return function_call(g, n, args, kw, unsupported, torch, F)
     if n.op == "call_method":

@@ -16,7 +16,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ..models.graph import PRODUCERS, mask_read
+from ..forward import mask_kind
+from ..models.graph import PRODUCERS, Node, mask_read
+from ..models.ops import op_of
 from .base import FitnessError, dense_logits, register_metric
 
 
@@ -84,12 +86,12 @@ def logit_mse(cache, pruned_apply, masks, probes):
     return jnp.mean((zp - cache["logits"]) ** 2)
 
 
-def _feature_tensors(net) -> dict[str, str | None]:
+def _feature_tensors(net) -> dict[str, Node | None]:
     """Inputs of every Dense/Conv layer except those reading the network input:
-    the tensor before its mask -> the mask's group (``None`` if unmasked)."""
+    the tensor before its mask -> the mask node (``None`` if unmasked)."""
     by_name = {n.name: n for n in net.nodes}
     first = net.nodes[0].name
-    out: dict[str, str | None] = {}
+    out: dict[str, Node | None] = {}
     for n in net.nodes:
         if n.op not in PRODUCERS or n.inputs[0] == first:
             continue
@@ -97,7 +99,7 @@ def _feature_tensors(net) -> dict[str, str | None]:
         if mask is None:
             out[n.inputs[0]] = None
         else:
-            out[mask.inputs[0]] = mask.attr("group")
+            out[mask.inputs[0]] = mask
     return out
 
 
@@ -123,17 +125,21 @@ def feature_fidelity(cache, pruned_apply, masks, probes, opts: FeatureOptions):
     depend on the masks (layers before the first mask) the sums over probes are
     then shared by the whole population instead of repeated per individual. The
     features are tapped on all probes, in the pass a composite's terms share.
+    Kernel masks (``ga_scores``) remove no unit: every ``m_l`` is then one.
     """
     dense = cache["feats"]
     groups = _feature_tensors(pruned_apply.net)
+    if mask_kind(pruned_apply.net, masks) == "weights":  # every unit is there
+        groups = dict.fromkeys(groups)
     _, feats = pruned_apply.taps(masks, probes, tuple(dense))
     errs = []
     for name, h in dense.items():
         axes = tuple(range(h.ndim - 1))
         kept_err = jnp.sum((feats[name][: opts.max_probes] - h) ** 2, axis=axes)
         removed_err = jnp.sum(h**2, axis=axes)
-        group = groups[name]
-        m = 1.0 if group is None else jnp.asarray(masks[group], h.dtype)
+        node = groups[name]
+        m = 1.0 if node is None else op_of(node).mask_vector(node, masks.__getitem__)
+        m = jnp.asarray(m, h.dtype)
         err = jnp.sum(m * kept_err + (1 - m) * removed_err)
         errs.append(err / (jnp.sum(removed_err) + 1e-12))
     return sum(errs) / len(errs)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..models.ops import op_of
 from ..space import PruneSpace
 from .base import register_metric
 from .interval import layer_params, linear_bound
@@ -49,12 +50,12 @@ def _layers(net):
         if n.op not in ("dense", "conv"):
             continue
         src = by_name[n.inputs[0]]
-        in_spec = None  # (group, shape of the mask node); flattened if needed
+        in_spec = None  # (mask node, its shape); flattened if needed
         if src.op == "mask":
-            in_spec = (src.attr("group"), src.shape)
+            in_spec = (src, src.shape)
         elif src.op == "flatten" and by_name[src.inputs[0]].op == "mask":
             m = by_name[src.inputs[0]]
-            in_spec = (m.attr("group"), m.shape)
+            in_spec = (m, m.shape)
         nexts = consumers.get(n.name, [])
         bn = nexts[0].name if len(nexts) == 1 and nexts[0].op == "batchnorm" else None
         out.append((n, src.shape, in_spec, space.group_of(n.name), bn))
@@ -93,15 +94,16 @@ def _start(v, m_in):
 def _masks_for(spec, masks, shape, dtype):
     if spec is None or masks is None:
         return jnp.ones(shape, dtype)
-    group, mshape = spec
-    m = jnp.broadcast_to(jnp.asarray(masks[group], dtype), mshape)
-    return m.reshape(shape)
+    node, mshape = spec
+    m = op_of(node).mask_vector(node, masks.__getitem__)
+    return jnp.broadcast_to(jnp.asarray(m, dtype), mshape).reshape(shape)
 
 
 def _out_mask(group, masks, n, dtype):
     if group is None or masks is None:
         return jnp.ones(n.shape[-1:], dtype)
-    return jnp.asarray(masks[group], dtype)
+    m = jnp.asarray(masks[group], dtype)  # a unit may span several channels
+    return jnp.repeat(m, n.shape[-1] // m.shape[-1], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,7 +138,8 @@ def _synflow_fn(model: Net, space: PruneSpace):
         out = jnp.zeros(space.num_units, jnp.float64)
         for layer, var, o, size in owned:
             s = jnp.abs(grads["layers"][layer][var] * pure["layers"][layer][var])
-            out = out.at[o : o + size].add(s.reshape(-1, size).sum(0))
+            per_unit = s.reshape(-1, size, s.shape[-1] // size)  # heads: d channels
+            out = out.at[o : o + size].add(per_unit.sum((0, 2)))
         return out
 
     return scores

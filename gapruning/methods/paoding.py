@@ -86,9 +86,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..encoding import rank_in_groups
+from ..encoding import per_unit, rank_in_groups
 from ..fitness.interval import activation_delta, paoding_entropy, propagate_bounds
 from ..models import Net, Node, group_consumers
+from ..models.ops import op_of
 from ..space import PruneSpace
 from ..zoo import Pretrained
 from . import MethodContext, MethodResult, register_method
@@ -157,7 +158,7 @@ def propagate_delta(tail: tuple[Node, ...], params, bounds, masks, lo, hi):
             s = p["scale"] * jax.lax.rsqrt(p["var"] + n.attr("epsilon"))
             c, r = c * s, r * jnp.abs(s)
         elif n.op == "mask":
-            m = masks[n.attr("group")]
+            m = op_of(n).mask_vector(n, masks.__getitem__)
             c, r = c * m, r * m
         elif n.op in ("relu", "sigmoid"):
             c, r = activation_delta(n.op, bounds[n.inputs[0]], c, r)
@@ -243,7 +244,7 @@ def scale_scores(model: Net, space: PruneSpace) -> np.ndarray:
         for layer in g.members:
             k = np.abs(np.asarray(model.layers[layer].kernel[...]))
             k = k.reshape(-1, k.shape[-1])
-            total += k.sum(0) / k.shape[0]
+            total += per_unit(k.sum(0) / k.shape[0], g.size)
         scores.append(total)
     return np.concatenate(scores)
 

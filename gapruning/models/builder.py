@@ -96,15 +96,17 @@ class GraphBuilder:
         return self._shapes[x]
 
     def dense(self, x, features: int, *, use_bias: bool = True, name=None) -> str:
-        if len(self.shape(x)) != 1:
+        """A dense layer on the last axis of a vector or of tokens ``(T, C)``."""
+        shape = self.shape(x)
+        if len(shape) not in (1, 2):
             raise ValueError(
-                f"dense expects a flat input, {x!r} has shape {self.shape(x)}"
+                f"dense expects a vector or tokens (T, C), {x!r} has shape {shape}"
             )
         return self._add(
             "dense",
             self._name("dense", name),
             (x,),
-            (features,),
+            (*shape[:-1], features),
             features=features,
             use_bias=use_bias,
         )
@@ -298,6 +300,59 @@ class GraphBuilder:
             groups=int(groups),
         )
 
+    def tokens(self, x, name=None) -> str:
+        """A feature map ``(H, W, C)`` as ``H * W`` tokens ``(H * W, C)``."""
+        h, w, c = self._need_rank(x, 3, "tokens")
+        return self._add("tokens", self._name("tokens", name), (x,), (h * w, c))
+
+    def class_token(self, x, count: int = 1, name=None) -> str:
+        """``count`` learned tokens put before the tokens ``x``."""
+        t, c = self._need_rank(x, 2, "class_token")
+        return self._add(
+            "class_token", self._name("cls", name), (x,), (t + count, c), count=count
+        )
+
+    def pos_embedding(self, x, name=None) -> str:
+        """Adds a learned ``(T, C)`` table to the tokens ``x``."""
+        shape = self._need_rank(x, 2, "pos_embedding")
+        return self._add("pos_embedding", self._name("pos", name), (x,), shape)
+
+    def select_token(self, x, index: int = 0, name=None) -> str:
+        """Token ``index`` of ``x``: ``(T, C) -> (C,)``."""
+        t, c = self._need_rank(x, 2, "select_token")
+        if not -t <= index < t:
+            raise ValueError(f"select_token {index} of {t} tokens")
+        return self._add(
+            "select_token", self._name("token", name), (x,), (c,), index=index % t
+        )
+
+    def attention(self, q, k, v, heads: int, name=None) -> str:
+        """Multi-head scaled dot-product attention of tokens ``q, k, v`` (the
+        outputs of Dense projections, equal shapes ``(T, heads * head_dim)``);
+        its prunable units are the heads."""
+        shapes = {self._need_rank(x, 2, "attention") for x in (q, k, v)}
+        (t, c), *rest = shapes
+        if rest or heads < 1 or c % heads:
+            raise ValueError(
+                f"attention of shapes {sorted(shapes)} in {heads} heads: q, k and "
+                "v must have one shape, its channels a multiple of the heads"
+            )
+        return self._add(
+            "attention",
+            self._name("attention", name),
+            (q, k, v),
+            (t, c),
+            heads=int(heads),
+            head_dim=c // heads,
+        )
+
+    def _need_rank(self, x, rank: int, op: str) -> tuple[int, ...]:
+        shape = self.shape(x)
+        if len(shape) != rank:
+            want = "a feature map (H, W, C)" if rank == 3 else "tokens (T, C)"
+            raise ValueError(f"{op} expects {want}, {x!r} has shape {shape}")
+        return shape
+
     def channel_map(self, x, features: int, *, stride: int = 1, index=None, name=None):
         """Parameter-free shortcut: spatial subsampling by ``stride``, then output
         channel ``j`` copies input channel ``index[j]`` (``-1``: zeros). The default
@@ -339,6 +394,12 @@ class ChannelSpaces:
     # space id -> the tensors a concatenation puts one after the other, for the
     # spaces made of pieces of others (a concat and channel-wise ops after it)
     pieces: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # space id -> channels per prunable unit, where more than one (attention heads)
+    units: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def unit_of(self, tensor: str) -> int:
+        """Channels per prunable unit of ``tensor``'s space."""
+        return self.units.get(self.space_of[tensor], 1)
 
     def mask_pieces(self, tensor: str, nodes_by_name) -> tuple[tuple[str, int], ...]:
         """``(group or "", width)`` of each piece of ``tensor``'s channels."""
@@ -389,6 +450,8 @@ def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
     output_space = space_of[nodes[-1].name]
     pieces, fixed_spaces = _concat_pieces(nodes, space_of, members)
     fixed_spaces |= {space_of[t] for t in fixed_inputs}
+    units, mixed, unit_names = _unit_widths(nodes, space_of, pieces)
+    fixed_spaces |= mixed
     allowed = ("producer", "channelwise", "join", "remap")
     prunable, kinds = {}, {}
     for sid, ms in members.items():
@@ -397,9 +460,26 @@ def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
         if not producers or fixed or sid == output_space or sid in fixed_spaces:
             continue
         adds = [m.attr("group") for m in ms if m.op == "add" and m.attr("group")]
-        prunable[sid] = adds[0] if adds else producers[0].name
-        kinds[sid] = producers[0].op
-    return ChannelSpaces(space_of, prunable, kinds, pieces)
+        prunable[sid] = adds[0] if adds else unit_names.get(sid, producers[0].name)
+        kinds[sid] = "heads" if sid in units else producers[0].op
+    return ChannelSpaces(space_of, prunable, kinds, pieces, units)
+
+
+def _unit_widths(nodes, space_of, pieces):
+    """``(units, fixed, names)``: channels per unit of the spaces whose ops group
+    their channels (:meth:`~gapruning.models.ops.Op.unit_width`), the spaces
+    that cannot be pruned in such units (two different widths, or a piece of a
+    concatenation), and the first such op of each space (it names the group)."""
+    units, fixed, names = {}, set(), {}
+    for n in nodes:
+        width = op_of(n).unit_width(n)
+        if width > 1:
+            sid = space_of[n.name]
+            names.setdefault(sid, n.name)
+            if units.setdefault(sid, width) != width:
+                fixed.add(sid)
+    fixed |= {space_of[t] for ts in pieces.values() for t in ts} & set(units)
+    return units, fixed, names
 
 
 def _concat_pieces(nodes, space_of, members):
@@ -445,7 +525,8 @@ def insert_masks(nodes: tuple[Node, ...]) -> tuple[Node, ...]:
             if i in masks or not any(g for g, _ in pieces):
                 continue
             if len(pieces) == 1:
-                attrs = (("group", pieces[0][0]),)
+                unit = spaces.unit_of(i)
+                attrs = (("group", pieces[0][0]),) + ((("unit", unit),) * (unit > 1))
                 masks[i] = Node("mask", f"{i}.mask", (i,), by_name[i].shape, attrs)
             else:
                 attrs = (("pieces", pieces),)

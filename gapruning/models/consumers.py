@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
+
 from .graph import Net, mask_read
 
 
@@ -17,13 +19,20 @@ class Consumer:
     """A Dense/Conv layer reading the masked tensor ``tensor`` of ``group``.
 
     ``positions`` is how many times each unit appears in its input rows (the
-    spatial size when it reads through a flatten, else 1)."""
+    spatial size when it reads through a flatten, else 1); ``unit`` how many
+    consecutive rows one unit spans (an attention head's channels, else 1)."""
 
     layer: str
     op: str
     group: str
     tensor: str
     positions: int
+    unit: int = 1
+
+    def channel_mask(self, masks):
+        """The group's mask in ``masks`` with one entry per input channel."""
+        m = masks[self.group]
+        return m if self.unit == 1 else jnp.repeat(jnp.asarray(m), self.unit, -1)
 
 
 def consumers(net: Net) -> tuple[Consumer, ...]:
@@ -36,9 +45,8 @@ def consumers(net: Net) -> tuple[Consumer, ...]:
             continue
         flat = by_name[n.inputs[0]].op == "flatten"
         positions = math.prod(mask.shape[:-1]) if flat else 1
-        out.append(
-            Consumer(n.name, n.op, mask.attr("group"), mask.inputs[0], positions)
-        )
+        group, unit = mask.attr("group"), mask.attr("unit", 1)
+        out.append(Consumer(n.name, n.op, group, mask.inputs[0], positions, unit))
     return tuple(out)
 
 

@@ -231,7 +231,7 @@ class Net(nnx.Module):
         if src is None:
             return vals[node.inputs[0]], None
         x = vals.get(src.inputs[0])
-        mask = self.masks[src.attr("group")][...]
+        mask = op_of(src).mask_vector(src, lambda g: self.masks[g][...])
         if by_name[node.inputs[0]].op == "flatten":
             x = None if x is None else x.reshape(x.shape[0], -1)
             mask = jnp.tile(mask, math.prod(src.shape[:-1]))

@@ -218,7 +218,8 @@ def feature_taps(teacher: Pretrained, masks, weight: float):
         return (), {}
     cons = consumers(teacher.model)
     keep = {
-        c.tensor: np.flatnonzero(np.asarray(masks[c.group]).astype(bool)) for c in cons
+        c.tensor: np.flatnonzero(np.asarray(c.channel_mask(masks)).astype(bool))
+        for c in cons
     }
     return tuple(dict.fromkeys(c.tensor for c in cons)), keep
 

@@ -89,8 +89,8 @@ class Repair:
         for c in self.consumers:
             layer = net.layers[c.layer]
             kernel = layer.kernel[...]
-            mask = jnp.asarray(masks[c.group], jnp.float32)
-            units = self.sizes[c.group]
+            mask = jnp.asarray(c.channel_mask(masks), jnp.float32)
+            units = self.sizes[c.group] * c.unit
             merged = kernel
             if c.group in self.similarities:
                 sim, norms = self.similarities[c.group]

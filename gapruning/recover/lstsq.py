@@ -28,7 +28,9 @@ from ..zoo import Pretrained
 
 def features(x: jax.Array, node, c: Consumer) -> jax.Array:
     """``(samples, rows)`` input features of a consumer: rows ordered as its kernel
-    reshaped to ``(rows, out)``."""
+    reshaped to ``(rows, out)`` (each token a sample for a Dense on tokens)."""
+    if c.op == "dense" and len(node.shape) == 2:
+        return x.reshape(-1, x.shape[-1])
     if c.op == "dense":
         return x.reshape(x.shape[0], -1)
     kh, kw = node.attr("kernel_size")

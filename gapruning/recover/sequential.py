@@ -79,8 +79,8 @@ def sequential_lstsq(
         prior = priors[c.layer]["kernel"] if c.layer in priors else None
         layers[c.layer] = refit(
             net.layers[c.layer],
-            masks[c.group],
-            sizes[c.group],
+            c.channel_mask(masks),
+            sizes[c.group] * c.unit,
             gram,
             ridge,
             prior,

@@ -17,6 +17,7 @@ from .activations import (
     SiLU,
     Softmax,
 )
+from .attention import Attention
 from .base import FLOWS, LinearOp, Op, ShapeOp, UnsupportedOpError
 from .batchnorm import BatchNorm
 from .concat import Concat, ConcatMask
@@ -27,6 +28,7 @@ from .multiply import Mul
 from .pooling import AdaptiveAvgPool, AvgPool, GlobalAvgPool, MaxPool, apply_pool
 from .shuffle import ChannelShuffle
 from .structure import Add, ChannelMap, Flatten, Input, Mask
+from .tokens import ClassToken, PosEmbedding, SelectToken, Tokens
 
 __all__ = [
     "FLOWS",
@@ -92,3 +94,8 @@ register_op(Concat())
 register_op(ConcatMask())
 register_op(LayerNorm())
 register_op(ChannelShuffle())
+register_op(Tokens())
+register_op(ClassToken())
+register_op(PosEmbedding())
+register_op(SelectToken())
+register_op(Attention())

@@ -7,7 +7,8 @@ Every stage that used to dispatch on the op's name asks the table instead:
   :meth:`Op.apply`;
 * channel flow: :attr:`Op.flow` says how the channel (last) axis of its output
   relates to its inputs' (see :data:`FLOWS`), :attr:`Op.reads_masked` whether a
-  mask is put in front of it when it reads a prunable tensor;
+  mask is put in front of it when it reads a prunable tensor, :meth:`Op.unit_width`
+  how many channels one prunable unit spans (attention heads);
 * compaction: :meth:`Op.compact_params` and :meth:`Op.compact_attrs`;
 * cost: :meth:`Op.cost`, exact parameter and FLOP terms;
 * bounds: :meth:`Op.bounds` (interval bound propagation) and :meth:`Op.delta`
@@ -91,6 +92,12 @@ class Op:
     def mask_groups(self, node) -> dict[str, int]:
         """For ops that read the group masks: ``{group: units}`` they read."""
         return {}
+
+    def unit_width(self, node) -> int:
+        """Channels per prunable unit of the space of the node's output (1; an
+        attention op's heads: ``head_dim``). Masks then hold one entry per unit,
+        repeated over its channels."""
+        return 1
 
     # ------------------------------------------------------------- cost
 
@@ -201,7 +208,7 @@ def layer_vars(layer) -> dict:
     if layer is None:
         return {}
     out = {}
-    for name in ("kernel", "bias", "scale", "mean", "var"):
+    for name in ("kernel", "bias", "scale", "mean", "var", "embedding"):
         v = getattr(layer, name, None)
         if v is not None:
             out[name] = v[...]

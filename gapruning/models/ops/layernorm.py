@@ -31,7 +31,7 @@ class LayerNorm(Op):
         p, x, n = w.params[node.name], ins[0], node.name
         args = [w.const(f"{n}.scale", p["scale"]), w.const(f"{n}.bias", p["bias"])]
         eps = node.attr("epsilon")
-        if len(node.shape) == 1:
+        if len(node.shape) != 3:  # a vector, or tokens (N, T, C)
             return w.emit("LayerNormalization", [x, *args], n, axis=-1, epsilon=eps)
         x = w.emit("Transpose", [x], f"{n}.nhwc", perm=[0, 2, 3, 1])
         y = w.emit("LayerNormalization", [x, *args], f"{n}.ln", axis=-1, epsilon=eps)
@@ -44,7 +44,7 @@ class LayerNorm(Op):
 
     def torch(self, graph, node, ins, in_shape):
         layer, x = getattr(graph, node.name), ins[0]
-        if x.dim() == 2:
+        if x.dim() != 4:
             return layer(x)
         return layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 

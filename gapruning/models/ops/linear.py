@@ -71,7 +71,12 @@ class Producer(LinearOp):
 
 
 class Dense(Producer):
+    """On the last axis: of a vector, or of each token of a ``(T, C)`` sequence."""
+
     name = "dense"
+
+    def area(self, node):
+        return math.prod(node.shape[:-1])
 
     def layer(self, node, in_shape, rngs):
         return nnx.Linear(
@@ -95,8 +100,15 @@ class Dense(Producer):
         return k.T.copy()
 
     def onnx(self, w, node, ins):
-        args = w.weighted(node, ins[0], w.params[node.name]["kernel"].T.copy())
-        return w.emit("Gemm", args, node.name, transB=1)
+        p = w.params[node.name]
+        if len(node.shape) == 1:
+            args = w.weighted(node, ins[0], p["kernel"].T.copy())
+            return w.emit("Gemm", args, node.name, transB=1)
+        kernel = w.const(f"{node.name}.weight", p["kernel"])
+        if "bias" not in p:
+            return w.emit("MatMul", [ins[0], kernel], node.name)
+        y = w.emit("MatMul", [ins[0], kernel], f"{node.name}.matmul")
+        return w.emit("Add", [y, w.const(f"{node.name}.bias", p["bias"])], node.name)
 
     def torch_layer(self, node, in_shape):
         from torch import nn

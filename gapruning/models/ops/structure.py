@@ -1,8 +1,9 @@
 """The ops that route tensors: input, mask, add, flatten and channel_map.
 
-``mask`` multiplies a tensor by its group's mask (its "parameters" ``p`` in
+``mask`` multiplies a tensor by its group's mask, each entry repeated over the
+``unit`` channels of one unit (attention heads); its "parameters" ``p`` in
 :meth:`~gapruning.models.ops.base.Op.bounds` and ``delta``, and the ``layer`` the
-executor passes, are the mask vector); ``add`` joins its inputs' channel spaces
+executor passes, are that channel vector. ``add`` joins its inputs' channel spaces
 into one group (residual connections); ``flatten`` and ``channel_map`` read their
 input through a mask like Dense/Conv do, because they move channels.
 """
@@ -30,10 +31,11 @@ class Mask(Op):
     uses_masks = True
 
     def mask_vector(self, node, lookup):
-        return lookup(node.attr("group"))
+        m, unit = lookup(node.attr("group")), node.attr("unit", 1)
+        return m if unit == 1 else jnp.repeat(jnp.asarray(m), unit, axis=-1)
 
     def mask_groups(self, node):
-        return {node.attr("group"): node.shape[-1]}
+        return {node.attr("group"): node.shape[-1] // node.attr("unit", 1)}
 
     def apply(self, node, layer, xs):
         return xs[0] * layer.astype(xs[0].dtype)
@@ -62,7 +64,7 @@ class Mask(Op):
         return w.emit("Mul", [ins[0], value], node.name)
 
     def torch(self, graph, node, ins, in_shape):
-        m = self.mask_vector(node, graph.mask)
+        m = graph.mask(node.attr("group")).repeat_interleave(node.attr("unit", 1))
         return ins[0] * (m.view(1, -1, 1, 1) if ins[0].dim() == 4 else m)
 
 
