@@ -33,6 +33,9 @@ from .validate import RecoverError, require_pretrained
 DEFAULT_STEPS = 500
 # steps timed (after one that compiles) to size a time-budgeted distillation
 TRIAL_STEPS = 3
+# the step at which a time-budgeted run fits its steps again, at the loop's pace
+# (measured over the steps since REFIT_AT // 2); never more than first fitted
+REFIT_AT = 40
 # the probes of ``probes="auto"`` without BatchNorm (with it: ``bn_stats``)
 AUTO_DISTILL_PROBES = ("inversion", "gaussian")
 # the settings whose ``None`` follows the teacher (:meth:`DistillConfig.for_teacher`)
@@ -289,11 +292,22 @@ def make_train_step(ctx: StepContext):
     return train_step
 
 
-def train(ctx: StepContext, step, state, x, new_probes, progress: bool, name: str):
+def train(
+    ctx: StepContext,
+    step,
+    state,
+    x,
+    new_probes,
+    progress: bool,
+    name: str,
+    clock: Deadline | None = None,
+):
     """Runs ``config.steps`` of the train ``step`` from ``state = (params, rest,
     t_state)``: batches in a new order every epoch, new probes every epoch from
-    ``new_probes(epoch)`` when it is not ``None``. Returns the trained params and
-    the last probe set."""
+    ``new_probes(epoch)`` when it is not ``None``. Under a time budget
+    (``clock``) the number of steps is fitted once more at step
+    :data:`REFIT_AT`, at the loop's own pace. Returns the trained params, the
+    last probe set and the steps run."""
     from ..progress import progress_bar
 
     c = ctx.config
@@ -302,34 +316,37 @@ def train(ctx: StepContext, step, state, x, new_probes, progress: bool, name: st
     per_epoch = max(1, len(x) // c.batch_size)
     key = jax.random.key(c.seed)
     mix = jax.random.fold_in(key, 2**31 - 1)  # mixup randomness, apart from orders
+    total, i, mark = c.steps, 0, None
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"distill {name}", total=c.steps)
-        timer = StepTimer(c.steps)
-        for i in range(c.steps):
+        task = bar.add_task(f"distill {name}", total=total)
+        timer = StepTimer(total)
+        while i < total:
             epoch, b = divmod(i, per_epoch)
             if b == 0:
                 if epoch > 0 and new_probes is not None:
                     x = new_probes(epoch)
                 order = jax.random.permutation(jax.random.fold_in(key, epoch), len(x))
             idx = order[b * c.batch_size : (b + 1) * c.batch_size]
+            step_key = jax.random.fold_in(mix, i)
             params, opt_state, loss = step(
-                params,
-                opt_state,
-                rest,
-                t_state,
-                x,
-                idx,
-                jax.random.fold_in(mix, i),
-                i,
-                c.steps,
+                params, opt_state, rest, t_state, x, idx, step_key, i, total
             )
+            i += 1
+            if clock is not None and i in (REFIT_AT // 2, REFIT_AT):
+                jax.block_until_ready(loss)
+                if i == REFIT_AT // 2:
+                    mark = time.perf_counter()
+                else:
+                    pace = (time.perf_counter() - mark) / (REFIT_AT - REFIT_AT // 2)
+                    total = max(i, min(total, int(0.97 * clock.remaining() / pace) + i))
+                    bar.update(task, total=total)
             if progress:
                 text = f"distill  KL {float(loss):.4g}"
-                bar.update(task, completed=i + 1, description=text)
-                estimate = timer.estimate(i)
+                bar.update(task, completed=i, description=text)
+                estimate = timer.estimate(i - 1)
                 if estimate:
                     bar.console.print(estimate)
-    return params, x
+    return params, x, total
 
 
 class StepTimer:
@@ -424,7 +441,10 @@ def distill(
     new_probes = None
     if c.regenerate and kinds is not None:
         new_probes = functools.partial(probe_set, teacher, probes, kinds, c)
-    params, x = train(ctx, step, state, x, new_probes, progress, pruned.name)
+    params, x, steps = train(
+        ctx, step, state, x, new_probes, progress, pruned.name, clock
+    )
+    c = dataclasses.replace(c, steps=steps)
     student.model = nnx.merge(graphdef, params, rest)
     student.card = distill_card(student, teacher, c, kinds, views, before, optimizer)
     return student
