@@ -174,3 +174,16 @@ def test_cli_time_budget(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main([*base, "--time-budget", "soon", "--out", str(late)])
     assert "cannot read the duration 'soon'" in capsys.readouterr().err
+
+
+def test_distill_fits_its_steps_again_at_the_loops_own_pace(monkeypatch):
+    """When the trial steps promise far more steps than the loop can run (here
+    100,000 in 3 s), the refit at step REFIT_AT cuts the run to what fits."""
+    from gapruning.recover import distillation
+
+    monkeypatch.setattr(distillation, "steps_within", lambda *args: 100_000)
+    net = tiny_mlp()
+    masks = {"fc1": np.arange(8) % 2 == 0, "fc2": np.ones(6, bool)}
+    options = dict(probes="gaussian", num_probes=64, batch_size=32, adversarial=0)
+    student = recover.distill(gp.compact(net, masks), net, time_budget=3.0, **options)
+    assert distillation.REFIT_AT <= student.card["distill"]["steps"] < 100_000
