@@ -137,8 +137,14 @@ def validate_probes(pretrained: Pretrained | Net, probes) -> jax.Array:
 
 
 def batchnorm_nodes(model: Pretrained | Net) -> tuple[Node, ...]:
-    """The BatchNorm nodes of the network, in graph order."""
-    return tuple(n for n in _net(model).nodes if n.op == "batchnorm")
+    """The BatchNorm nodes that hold statistics of the training data, in graph
+    order: those with ``epsilon > 0``. The importers write fixed per-channel
+    affine maps (Keras ``Rescaling``, layer scales, constants) as BatchNorm nodes
+    with ``epsilon = 0``, mean 0 and variance 1; their "statistics" say nothing
+    about the data, so probes, metrics and recalibration leave them out."""
+    return tuple(
+        n for n in _net(model).nodes if n.op == "batchnorm" and n.attr("epsilon") > 0
+    )
 
 
 def bn_batch_stats(model: Pretrained | Net, x: jax.Array) -> dict:

@@ -49,6 +49,25 @@ def tiny_bn(seed: int = 0) -> gp.Pretrained:
     return calibrate(gp.Pretrained(net, dict(CARD)), seed)
 
 
+def tiny_affine_bn(seed: int = 0) -> gp.Pretrained:
+    """:func:`tiny_bn` with a fixed per-channel affine map after ``c1``: a
+    BatchNorm node with epsilon 0, mean 0, variance 1, as the importers write a
+    layer scale; ``c1``'s first channel is constant, so the map's input has zero
+    variance there."""
+    g = GraphBuilder((12, 12, 1))
+    x = g.conv(g.input, 4, 3, name="c1")
+    x = g.relu(g.batchnorm(x, epsilon=0.0, name="scale"), name="r1")
+    x = g.conv(x, 6, 3, use_bias=False, name="c2")
+    x = g.relu(g.batchnorm(x, name="b2"), name="r2")
+    x = g.global_avgpool(x, name="gap")
+    net = random_net(g.build(g.dense(x, 10, name="out")), seed)
+    net.layers["c1"].kernel[..., 0] = 0.0
+    net.layers["c1"].bias[0] = 0.5
+    net.layers["scale"].mean[...] = jnp.zeros(4)
+    net.layers["scale"].var[...] = jnp.ones(4)
+    return calibrate(gp.Pretrained(net, dict(CARD)), seed)
+
+
 def tiny_all_ops(seed: int = 0) -> gp.Pretrained:
     """Every op interval propagation supports: conv (SAME/VALID/padded, strided),
     BN, ReLU, sigmoid, max/avg pooling, residual add with a channel_map shortcut,

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fitness_nets import tiny_bn
+from fitness_nets import tiny_affine_bn, tiny_bn
 
 import gapruning as gp
 from gapruning import probes as P
@@ -200,3 +200,15 @@ def test_optimised_probes_log_what_they_make_and_the_expected_time(bn_net, caplo
     with caplog.at_level(logging.INFO, logger="gapruning"):
         gp.make_probes(bn_net, "gaussian", 8, cache=False)
     assert not [r for r in caplog.records if r.name == "gapruning.probes"]
+
+
+def test_affine_maps_written_as_batchnorm_are_not_statistics():
+    """An importer's epsilon-0 affine node (mean 0, variance 1) says nothing about
+    the data: bn_stats leaves it out (its zero-variance channel made the probes
+    NaN through sqrt(var + 0)), and recalibration leaves its values alone."""
+    net = tiny_affine_bn()
+    assert [n.name for n in P.batchnorm_nodes(net)] == ["b2"]
+    x = gp.make_probes(net, "bn_stats", 32, seed=0, steps=5, cache=False)
+    assert np.isfinite(np.asarray(x)).all()
+    gp.recover.recalibrate_batchnorm(net, x)
+    np.testing.assert_array_equal(np.asarray(net.model.layers["scale"].var[...]), 1.0)

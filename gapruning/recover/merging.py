@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from ..models import Net
-from ..probes import batchnorm_nodes
 from ..space import PruneSpace
 
 
@@ -40,8 +39,8 @@ def incoming(net: Net, group) -> jax.Array | None:
         else layer.bias[...].astype(jnp.float32)
     )
     bn = next(
-        (n for n in batchnorm_nodes(net) if n.inputs[0] == name), None
-    )  # BatchNorm directly after the producer
+        (n for n in net.nodes if n.op == "batchnorm" and n.inputs[0] == name), None
+    )  # BatchNorm (or an affine map) directly after the producer
     if bn is not None:
         p = net.layers[bn.name]
         a = p.scale[...] / jnp.sqrt(p.var[...] + bn.attr("epsilon"))
