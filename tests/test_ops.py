@@ -21,6 +21,8 @@ from gapruning.fitness.interval import (
 from gapruning.models import GraphBuilder, Net
 from gapruning.models.builder import Node
 from gapruning.models.ops import OPS, UnsupportedOpError, op_of, register_op
+from gapruning.models.ops.base import Op
+from gapruning.models.ops.layernorm import normalized_bounds
 from gapruning.models.ops.pooling import adaptive_matrix
 from gapruning.space import PruneSpace
 
@@ -215,10 +217,6 @@ def test_compaction_is_exact_and_costs_are_the_compacted_counts(op):
 @pytest.mark.parametrize("op", sorted(BODIES))
 def test_interval_bounds_contain_sampled_outputs(op):
     net = network(op)
-    if not all(OPS[n.op].supports("bounds") for n in net.model.nodes[1:]):
-        with pytest.raises(FitnessError, match=r"does not support nodes \[.*layernorm"):
-            interval_bounds(net)
-        return
     masks = {k: v.astype(np.float32) for k, v in random_masks(net.space).items()}
     lo, hi = interval_bounds(net, masks)
     x = inputs(256, seed=2)
@@ -231,6 +229,33 @@ def test_interval_bounds_contain_sampled_outputs(op):
     assert np.all(diff >= np.asarray(dl) - 1e-5) and np.all(
         diff <= np.asarray(du) + 1e-5
     )
+
+
+def test_interval_metrics_name_an_op_without_bounds(monkeypatch):
+    class NoBounds(type(OPS["layernorm"])):
+        bounds = Op.bounds
+
+    monkeypatch.setitem(OPS, "layernorm", NoBounds())
+    with pytest.raises(FitnessError, match=r"does not support nodes \[.*\(layernorm\)"):
+        interval_bounds(network("layernorm"))
+
+
+def test_layernorm_bounds_contain_every_normalized_point():
+    """float64 sampling, box corners included, and a point box (exact value)."""
+    rng = np.random.default_rng(0)
+    for c, eps in ((2, 1e-5), (5, 1e-3), (16, 1e-6), (3, 0.0)):
+        centre, radius = rng.normal(0, 2, (1, c)), rng.uniform(0, 1.5, (1, c))
+        lo, hi = centre - radius, centre + radius
+        corners = rng.integers(0, 2, (200, c))
+        x = np.concatenate([rng.uniform(lo, hi, (2000, c)), np.where(corners, hi, lo)])
+        z = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+        z_lo, z_hi = map(np.asarray, normalized_bounds(lo, hi, eps))
+        assert np.all(z >= z_lo - 1e-5) and np.all(z <= z_hi + 1e-5)
+        assert np.all(z_hi - z_lo <= 2 * np.sqrt(c - 1) + 1e-5)
+        point = normalized_bounds(centre, centre, eps)
+        want = (centre - centre.mean()) / np.sqrt(centre.var() + eps)
+        np.testing.assert_allclose(point[0], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(point[1], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("op", sorted(BODIES))
