@@ -316,7 +316,7 @@ def train(
     per_epoch = max(1, len(x) // c.batch_size)
     key = jax.random.key(c.seed)
     mix = jax.random.fold_in(key, 2**31 - 1)  # mixup randomness, apart from orders
-    total, i, mark = c.steps, 0, None
+    total, i, refit = c.steps, 0, Refit(clock)
     with progress_bar(progress) as bar:
         task = bar.add_task(f"distill {name}", total=total)
         timer = StepTimer(total)
@@ -332,21 +332,36 @@ def train(
                 params, opt_state, rest, t_state, x, idx, step_key, i, total
             )
             i += 1
-            if clock is not None and i in (REFIT_AT // 2, REFIT_AT):
-                jax.block_until_ready(loss)
-                if i == REFIT_AT // 2:
-                    mark = time.perf_counter()
-                else:
-                    pace = (time.perf_counter() - mark) / (REFIT_AT - REFIT_AT // 2)
-                    total = max(i, min(total, int(0.97 * clock.remaining() / pace) + i))
-                    bar.update(task, total=total)
+            total = refit.total(i, total, loss)
             if progress:
                 text = f"distill  KL {float(loss):.4g}"
-                bar.update(task, completed=i, description=text)
+                bar.update(task, total=total, completed=i, description=text)
                 estimate = timer.estimate(i - 1)
                 if estimate:
                     bar.console.print(estimate)
     return params, x, total
+
+
+class Refit:
+    """Under a time budget (``clock``), the steps of a run fitted once more at
+    step :data:`REFIT_AT` at the loop's own pace, timed over the steps since
+    ``REFIT_AT // 2``; never more than first fitted. Without a clock: unchanged."""
+
+    def __init__(self, clock: Deadline | None):
+        self.clock = clock
+        self.mark = None
+
+    def total(self, i: int, total: int, loss) -> int:
+        """The run's steps once ``i`` steps have run (``loss``: the last step's)."""
+        if self.clock is None or i not in (REFIT_AT // 2, REFIT_AT):
+            return total
+        jax.block_until_ready(loss)
+        now = time.perf_counter()
+        if i == REFIT_AT // 2:
+            self.mark = now
+            return total
+        pace = (now - self.mark) / (REFIT_AT - REFIT_AT // 2)
+        return max(i, min(total, int(0.97 * self.clock.remaining() / pace) + i))
 
 
 class StepTimer:

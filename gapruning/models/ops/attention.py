@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .base import Op, centre_radius, unit_terms
+from .base import Op, bounds_difference, unit_terms
 
 
 def _over_tokens(lo, hi):
@@ -64,10 +64,7 @@ class Attention(Op):
         return _over_tokens(*ins[2])
 
     def delta(self, node, p, ins, dense):
-        c, r = ins[2]
-        lo, hi = _over_tokens(*dense[2])
-        pruned_lo, pruned_hi = _over_tokens(lo + c - r, hi + c + r)
-        return centre_radius(pruned_lo - hi, pruned_hi - lo)
+        return bounds_difference(_over_tokens, ins[2], dense[2])
 
     def onnx(self, w, node, ins):
         n, d = node.name, node.attr("head_dim")

@@ -223,3 +223,14 @@ def hull(*values):
 
 def centre_radius(lo, hi):
     return (lo + hi) / 2, (hi - lo) / 2
+
+
+def bounds_difference(bounds, difference, dense):
+    """``(centre, radius)`` bounding pruned minus dense output of an op, from
+    its input bounds map ``bounds`` (``(lo, hi) -> (lo, hi)``): the pruned
+    network's bounds (the input's ``dense`` bounds moved by its ``difference``)
+    minus the dense network's."""
+    (c, r), (lo, hi) = difference, dense
+    pruned_lo, pruned_hi = bounds(lo + c - r, hi + c + r)
+    dense_lo, dense_hi = bounds(lo, hi)
+    return centre_radius(pruned_lo - dense_hi, pruned_hi - dense_lo)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from .base import Op, centre_radius, unit_terms
+from .base import Op, bounds_difference, centre_radius, unit_terms
 
 
 def normalized_bounds(lo, hi, eps: float):
@@ -31,9 +31,9 @@ def normalized_bounds(lo, hi, eps: float):
     # |x_c - mean| is at least the distance of [d_lo, d_hi] from 0
     var_lo = (jnp.maximum(jnp.maximum(d_lo, -d_hi), 0) ** 2).mean(-1, keepdims=True)
     var_hi = jnp.maximum(d_lo**2, d_hi**2).mean(-1, keepdims=True)
-    s_lo, s_hi = jnp.sqrt(var_lo + eps), jnp.sqrt(var_hi + eps)
-    if eps <= 0:  # no spread, no epsilon: only the size bound (the clip) holds
-        s_lo = jnp.maximum(s_lo, 1e-30)
+    # floored: with eps 0 and no spread only the size bound (the clip) holds
+    s_lo = jnp.maximum(jnp.sqrt(var_lo + eps), 1e-30)
+    s_hi = jnp.sqrt(var_hi + eps)
     corners = jnp.stack([d_lo / s_lo, d_lo / s_hi, d_hi / s_lo, d_hi / s_hi])
     return (
         jnp.clip(corners.min(0), -cap, cap),
@@ -60,12 +60,9 @@ class LayerNorm(Op):
         return c - r, c + r
 
     def delta(self, node, p, ins, dense):
-        """The pruned network's bounds (its input's dense bounds moved by the
-        difference) minus the dense network's."""
-        (c, r), (lo, hi) = ins[0], dense[0]
-        pruned_lo, pruned_hi = self.bounds(node, p, [(lo + c - r, hi + c + r)])
-        dense_lo, dense_hi = self.bounds(node, p, [(lo, hi)])
-        return centre_radius(pruned_lo - dense_hi, pruned_hi - dense_lo)
+        return bounds_difference(
+            lambda lo, hi: self.bounds(node, p, [(lo, hi)]), ins[0], dense[0]
+        )
 
     def cost(self, node, ref):
         return unit_terms(2, ref(node.name)), []
