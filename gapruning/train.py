@@ -51,6 +51,15 @@ RECIPES: dict[str, TrainConfig] = {
     "lenet5": dataclasses.replace(_ADAMW_MLP, learning_rate=2e-3, augment=True),
     "vgg11": TrainConfig(epochs=15, learning_rate=0.05, arch_kwargs={"width": 0.5}),
     "resnet20": TrainConfig(epochs=20, learning_rate=0.1),
+    "mobilenet": TrainConfig(epochs=15, learning_rate=0.1, weight_decay=4e-5),
+    "vit": TrainConfig(
+        epochs=20,
+        optimizer="adamw",
+        learning_rate=1e-3,
+        weight_decay=0.05,
+        warmup_epochs=2,
+        label_smoothing=0.1,
+    ),
 }
 
 

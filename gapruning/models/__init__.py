@@ -23,8 +23,10 @@ from .graph import (
 )
 from .lenet5 import lenet5
 from .mlp import lenet300, paoding_mlp
+from .mobilenet import mobilenet
 from .resnet import resnet20, resnet32, resnet56
 from .vgg import vgg11
+from .vit import vit
 
 MODELS: dict[str, Callable[..., tuple[Node, ...]]] = {
     "lenet300": lenet300,
@@ -34,6 +36,8 @@ MODELS: dict[str, Callable[..., tuple[Node, ...]]] = {
     "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet56": resnet56,
+    "mobilenet": mobilenet,
+    "vit": vit,
 }
 
 

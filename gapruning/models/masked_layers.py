@@ -64,7 +64,33 @@ class ConvOp:
         :meth:`transpose` (see :func:`_conv`)."""
         if groups == 1:
             return _conv(self, x, kernel)
+        if groups == x.shape[-1] == kernel.shape[-1]:
+            return self.depthwise(x, kernel)
         return self.raw(x, kernel, groups)
+
+    def depthwise(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """The depthwise convolution (kernel ``(kh, kw, 1, C)``) as a sum of
+        ``kh * kw`` strided slices of the padded input times one kernel row
+        each: the same values as :meth:`raw`, and several times faster than
+        XLA:CPU's grouped convolution, its gradient even more so (see
+        benchmarks/results/depthwise.md)."""
+        (kh, kw), (sh, sw) = kernel.shape[:2], self.strides
+        pads = self.padding
+        if isinstance(pads, str):
+            pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), self.strides, pads)
+        zero = jnp.zeros((), x.dtype)
+        xp = jax.lax.pad(
+            x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
+        )
+        n, h, w, c = xp.shape
+        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+        out = 0
+        for i in range(kh):
+            for j in range(kw):
+                end = (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c)
+                tap = jax.lax.slice(xp, (0, i, j, 0), end, (1, sh, sw, 1))
+                out = out + tap * kernel[i, j, 0]
+        return out
 
     def raw(self, x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
         """The convolution, differentiated by JAX's own rules."""
