@@ -107,6 +107,10 @@ BODIES = {
     ),
     "dwconv": (lambda g, x: g.relu(g.conv(x, 4, 3, groups=4, name="dw")), _conv_head),
     "grouped_conv": (lambda g, x: g.conv(x, 6, 3, groups=2, name="gc"), _conv_head),
+    "groupwise_conv": (
+        lambda g, x: g.relu(g.conv(x, 4, 3, groups=2, name="gw")),
+        _conv_head,
+    ),
     "mul": (_se, _conv_head),
     "concat": (_concat, _conv_head),
     "concat_mask": (_concat, _flat_head),
@@ -288,6 +292,9 @@ def test_channel_flow_couplings():
     assert {g.name for g in se.groups} == {"c1", "se1", "c2"}
     gc = network("grouped_conv").space
     assert gc.group_of("c1") is None and gc.group_of("gc") is None
+    gw = network("groupwise_conv").space
+    assert gw.group_of("c1") == gw.group_of("gw") == "gw"  # named by its unit
+    assert {g.name: g.size for g in gw.groups}["gw"] == 2  # groups of 2 channels
     shuffle = network("channel_shuffle").space
     assert [g.name for g in shuffle.groups] == ["inner", "c2"]
     assert shuffle.group_of("dw") == "inner"

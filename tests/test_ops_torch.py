@@ -220,7 +220,8 @@ def test_prunes_and_compacts_exactly(case):
 def test_groups_follow_the_couplings():
     """Inverted residual: the depthwise conv is in the expansion's group, the
     residual joins the stem and the projection. SE: the gate's second conv is in
-    the gated map's group; the grouped conv's input and output are not prunable."""
+    the gated map's group, and so is the grouped conv (as many channels out as in),
+    whose prunable unit is one of its 2 groups."""
     _, net, _ = _converted("inverted_residual")
     names = {n.op: n.name for n in net.model.nodes}
     space = net.space
@@ -228,8 +229,8 @@ def test_groups_follow_the_couplings():
     assert len(space.groups) == 2
     _, net, _ = _converted("squeeze_excite")
     space = net.space
-    assert space.group_of("fc2") is None and space.group_of("grouped") is None
-    assert [g.name for g in space.groups] == ["fc1"]
+    assert space.group_of("conv") == space.group_of("fc2") == "grouped"
+    assert [(g.name, g.size) for g in space.groups] == [("grouped", 2), ("fc1", 4)]
     _, net, _ = _converted("inception")
     assert {g.name for g in net.space.groups} == {"stem", "b1", "b2_0", "b2_2", "conv"}
     _, net, _ = _converted("channels_last")  # the LayerNorm fixes the stream

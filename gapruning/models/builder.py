@@ -136,8 +136,9 @@ class GraphBuilder:
         name=None,
     ) -> str:
         """A convolution; ``groups`` equal to the input channels and to
-        ``features`` is a depthwise ``dwconv``, other ``groups > 1`` a
-        ``grouped_conv`` (not prunable)."""
+        ``features`` is a depthwise ``dwconv``, other ``groups > 1`` with as many
+        output channels as input channels a ``groupwise_conv`` (pruned in whole
+        groups), any other a ``grouped_conv`` (not prunable)."""
         c = self.shape(x)[-1]
         k, s, p, shape = self._windowed(x, kernel_size, strides, padding, features)
         attrs = dict(kernel_size=k, strides=s, padding=p, use_bias=use_bias)
@@ -150,6 +151,8 @@ class GraphBuilder:
                 f"conv of {c} -> {features} channels in {groups} groups: the "
                 "groups must divide both"
             )
+        elif c == features:
+            op, attrs["groups"] = "groupwise_conv", groups
         else:
             op, attrs["features"], attrs["groups"] = "grouped_conv", features, groups
         return self._add(op, self._name(op, name), (x,), shape, **attrs)

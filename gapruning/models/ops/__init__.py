@@ -21,7 +21,7 @@ from .attention import Attention
 from .base import FLOWS, LinearOp, Op, ShapeOp, UnsupportedOpError
 from .batchnorm import BatchNorm
 from .concat import Concat, ConcatMask
-from .grouped import DepthwiseConv, GroupedConv
+from .grouped import DepthwiseConv, GroupedConv, GroupwiseConv
 from .layernorm import LayerNorm
 from .linear import Conv, Dense
 from .multiply import Mul
@@ -89,6 +89,7 @@ register_op(Add())
 register_op(ChannelMap())
 register_op(DepthwiseConv())
 register_op(GroupedConv())
+register_op(GroupwiseConv())
 register_op(Mul())
 register_op(Concat())
 register_op(ConcatMask())

@@ -1,11 +1,18 @@
-"""Grouped convolutions: depthwise (``dwconv``) and general (``grouped_conv``).
+"""Grouped convolutions: depthwise (``dwconv``), square (``groupwise_conv``) and
+general (``grouped_conv``).
 
 A depthwise convolution filters each channel on its own: output channel ``c``
 reads input channel ``c`` only, so its output is its input's channel space
 (flow ``channelwise``: pruning a channel removes it from the layer's input,
-kernel and output at once). A grouped convolution with ``1 < groups < channels``
-mixes channels within each group; removing channels would need equal counts per
-group, so its input and output channels are not prunable (flow ``opaque``).
+kernel and output at once). A grouped convolution with as many output channels
+as input channels (ResNeXt's and RegNet's 3x3 convolutions) maps each group onto
+itself: group ``g``'s outputs read group ``g``'s inputs only, so it too keeps its
+input's channel space, whose prunable unit is one whole group
+(:meth:`GroupwiseConv.unit_width`); compaction keeps whole groups (fewer groups,
+the same channels per group). Any other grouped convolution mixes channels
+within groups of different widths on its two sides; removing channels would need
+equal counts per group, so its input and output channels are not prunable (flow
+``opaque``).
 """
 
 from __future__ import annotations
@@ -111,6 +118,37 @@ class DepthwiseConv(GroupedConvBase):
 
     def compact_params(self, node, p, rows, cols):
         return {k: v[..., cols] for k, v in p.items()}
+
+
+class GroupwiseConv(GroupedConvBase):
+    """``groups`` groups of ``C / groups`` channels in and out; the prunable
+    unit is one group."""
+
+    name = "groupwise_conv"
+    flow = "channelwise"
+
+    def groups(self, node, in_channels):
+        return in_channels // self.unit_width(node)
+
+    def features(self, node, in_channels):
+        return in_channels
+
+    def unit_width(self, node):
+        return node.shape[-1] // node.attr("groups")
+
+    def cost(self, node, ref):
+        outs = ref(node.name)
+        k = math.prod(node.attr("kernel_size")) * self.unit_width(node)
+        params = unit_terms(k, outs)
+        if node.attr("use_bias"):
+            params += unit_terms(1, outs)
+        return params, unit_terms(math.prod(node.shape[:-1]) * k, outs)
+
+    def compact_params(self, node, p, rows, cols):
+        return {k: v[..., cols] for k, v in p.items()}
+
+    def compact_attrs(self, node, attrs, cols, in_index):
+        return {**attrs, "groups": len(cols) // self.unit_width(node)}
 
 
 def node_width(pieces) -> int:
