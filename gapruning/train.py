@@ -53,7 +53,7 @@ RECIPES: dict[str, TrainConfig] = {
     "resnet20": TrainConfig(epochs=20, learning_rate=0.1),
     "mobilenet": TrainConfig(epochs=15, learning_rate=0.1, weight_decay=4e-5),
     "vit": TrainConfig(
-        epochs=20,
+        epochs=15,
         optimizer="adamw",
         learning_rate=1e-3,
         weight_decay=0.05,

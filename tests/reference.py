@@ -3,6 +3,8 @@ jitted executor, the population pass and compaction are checked against."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from flax import nnx
 
@@ -34,6 +36,28 @@ def _windows(x, k, s):
     return out
 
 
+def _gelu(x):
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / np.sqrt(2.0)))
+
+
+_ELEMENTWISE = {
+    "relu6": lambda x: np.clip(x, 0.0, 6.0),
+    "gelu": _gelu,
+}
+
+
+def _attention(q, k, v, heads, d):
+    """Multi-head attention, one head and one batch element at a time."""
+    out = np.zeros_like(v)
+    for b in range(len(q)):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            s = q[b][:, cols] @ k[b][:, cols].T / np.sqrt(d)
+            w = np.exp(s - s.max(-1, keepdims=True))
+            out[b][:, cols] = (w / w.sum(-1, keepdims=True)) @ v[b][:, cols]
+    return out
+
+
 def forward(net, x, masks=None, use_masks=True):
     """Output of ``net`` (a gapruning Net) on ``x`` in float64.
 
@@ -53,11 +77,8 @@ def forward(net, x, masks=None, use_masks=True):
         if n.op == "input":
             y = np.asarray(x, np.float64)
         elif n.op == "mask":
-            y = (
-                ins[0] * np.asarray(masks[a["group"]], np.float64)
-                if use_masks
-                else ins[0]
-            )
+            m = np.repeat(np.asarray(masks[a["group"]], np.float64), a.get("unit", 1))
+            y = ins[0] * m if use_masks else ins[0]
         elif n.op == "dense":
             p = params[n.name]
             y = ins[0] @ p["kernel"] + p.get("bias", 0.0)
@@ -66,6 +87,34 @@ def forward(net, x, masks=None, use_masks=True):
             xp = _pad(ins[0], a["padding"], a["kernel_size"], a["strides"])
             win = _windows(xp, a["kernel_size"], a["strides"])
             y = np.einsum("bhwijc,ijco->bhwo", win, p["kernel"]) + p.get("bias", 0.0)
+        elif n.op == "dwconv":
+            p = params[n.name]
+            xp = _pad(ins[0], a["padding"], a["kernel_size"], a["strides"])
+            win = _windows(xp, a["kernel_size"], a["strides"])
+            y = np.einsum("bhwijc,ijc->bhwc", win, p["kernel"][:, :, 0])
+            y = y + p.get("bias", 0.0)
+        elif n.op in _ELEMENTWISE:
+            y = _ELEMENTWISE[n.op](ins[0])
+        elif n.op == "mul":
+            gate = ins[1]
+            y = ins[0] * (gate[:, None, None, :] if gate.ndim < ins[0].ndim else gate)
+        elif n.op == "layernorm":
+            p, z = params[n.name], ins[0] - ins[0].mean(-1, keepdims=True)
+            std = np.sqrt((z**2).mean(-1, keepdims=True) + a["epsilon"])
+            y = z / std * p["scale"] + p["bias"]
+        elif n.op == "tokens":
+            y = ins[0].reshape(len(ins[0]), -1, ins[0].shape[-1])
+        elif n.op == "class_token":
+            table = params[n.name]["embedding"]
+            y = np.concatenate(
+                [np.broadcast_to(table, (len(ins[0]), *table.shape)), ins[0]], 1
+            )
+        elif n.op == "pos_embedding":
+            y = ins[0] + params[n.name]["embedding"]
+        elif n.op == "select_token":
+            y = ins[0][:, a["index"]]
+        elif n.op == "attention":
+            y = _attention(*ins, a["heads"], a["head_dim"])
         elif n.op == "batchnorm":
             p = params[n.name]
             y = (ins[0] - p["mean"]) / np.sqrt(p["var"] + a["epsilon"]) * p[

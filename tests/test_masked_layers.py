@@ -147,3 +147,34 @@ def test_input_gradients_inside_a_loop_use_plain_hwio_kernels():
     hlo = jax.jit(pgd_like).lower(jnp.zeros((2, 28, 28, 1))).compile().as_text()
     labels = re.findall(r"dim_labels=([^,}\s]+)", hlo)
     assert labels and all("_01io->" in label for label in labels), labels
+
+
+@pytest.mark.parametrize(
+    "strides, padding, x_shape, k_hw",
+    [
+        ((1, 1), "SAME", (2, 6, 6, 3), (3, 3)),
+        ((2, 2), "SAME", (2, 7, 8, 3), (3, 3)),  # SAME pads unevenly at stride 2
+        ((2, 1), "VALID", (1, 9, 7, 2), (5, 3)),
+        ((1, 2), ((2, 0), (1, 1)), (2, 5, 6, 4), (3, 2)),
+    ],
+)
+def test_depthwise_shifted_products_equal_the_grouped_convolution(
+    strides, padding, x_shape, k_hw
+):
+    """Depthwise convolutions run as shifted products: the same values and
+    gradients as XLA's grouped convolution, in float64."""
+    op = conv_op(strides, padding)
+    rng = np.random.default_rng(2)
+    with jax.enable_x64():
+        x = jnp.asarray(rng.normal(size=x_shape))
+        k = jnp.asarray(rng.normal(size=(*k_hw, 1, x_shape[-1])))
+        groups = x_shape[-1]
+        np.testing.assert_allclose(op(x, k, groups), op.raw(x, k, groups), atol=1e-12)
+
+        def loss(f):
+            return lambda x, k: jnp.sum(jnp.sin(f(x, k, groups)))
+
+        got = jax.grad(loss(op), (0, 1))(x, k)
+        want = jax.grad(loss(op.raw), (0, 1))(x, k)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-12)

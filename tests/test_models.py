@@ -35,11 +35,12 @@ def test_every_prunable_unit_has_its_own_mask_variable(zoo_net):
         n for n in net.nodes if n.op in ("dense", "conv") and n is not net.nodes[-1]
     ]
     assert sum(s[0] for s in sizes.values()) <= sum(n.shape[-1] for n in hidden)
-    # every hidden producer's units are covered by exactly one group of equal size
+    # every hidden producer's units (channels, or heads) are covered by exactly
+    # one group of equal size
     spaces = channel_spaces(net.nodes)
     for n in hidden:
         group = spaces.prunable[spaces.space_of[n.name]]
-        assert sizes[group] == (n.shape[-1],)
+        assert sizes[group] == (n.shape[-1] // spaces.unit_of(n.name),)
 
 
 def test_zeroing_a_unit_equals_deleting_it_by_hand():

@@ -31,7 +31,7 @@ FLOWS = {
     "source": "the graph input; its channels are fixed",
     "producer": "new units (Dense/Conv outputs): a prunable group of their own",
     "channelwise": "the input's channels, unit for unit (activations, BatchNorm, "
-    "pooling, depthwise convolution)",
+    "pooling, depthwise and groupwise convolution)",
     "join": "every input and the output index the same units (add, multiply)",
     "couple": "the input's channels, mixed (softmax): the space is not prunable",
     "reshape": "a new axis made of the input's (flatten)",
@@ -39,7 +39,7 @@ FLOWS = {
     "concat": "the inputs' channels one after the other (concatenation): a space "
     "made of pieces of other spaces",
     "opaque": "new channels tied to the input's in a way pruning cannot follow "
-    "(grouped convolution): both spaces are not prunable",
+    "(a grouped convolution changing the width): both spaces are not prunable",
 }
 
 # (coef, a, b): coef * kept[a] * kept[b], index -1 standing for the constant 1.
