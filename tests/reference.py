@@ -157,3 +157,22 @@ def forward(net, x, masks=None, use_masks=True):
             raise ValueError(n.op)
         vals[n.name] = y
     return vals[net.nodes[-1].name]
+
+
+def flops(net) -> int:
+    """Multiply-accumulates of every layer with a kernel: output positions (or
+    tokens) times kernel entries, and of attention's two matrix products per
+    head, ``T * T * head_dim`` each (the convention of :mod:`gapruning.space`)."""
+    total = 0
+    for n in net.nodes:
+        kernel = (
+            getattr(net.layers[n.name], "kernel", None)
+            if n.name in net.layers
+            else None
+        )
+        if kernel is not None:
+            total += math.prod(n.shape[:-1]) * kernel[...].size
+        if n.op == "attention":
+            t = n.shape[0]
+            total += 2 * n.attr("heads") * t * t * n.attr("head_dim")
+    return total

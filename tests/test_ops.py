@@ -1,12 +1,11 @@
 """Contract tests of the op table: every registered op, in a small network, is
 compacted exactly, costed exactly, bounded soundly and exported faithfully."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from flax import nnx
 
 import gapruning as gp
@@ -170,25 +169,6 @@ def inputs(n=16, seed=1):
     return jnp.asarray(np.random.default_rng(seed).random((n, *INPUT)), jnp.float32)
 
 
-def reference_flops(net: Net) -> int:
-    """Multiply-accumulates of every layer with a kernel: output positions (or
-    tokens) times kernel entries, and of attention's two matrix products per
-    head, ``T * T * head_dim`` each (the convention of :mod:`gapruning.space`)."""
-    total = 0
-    for n in net.nodes:
-        kernel = (
-            getattr(net.layers[n.name], "kernel", None)
-            if n.name in net.layers
-            else None
-        )
-        if kernel is not None:
-            total += math.prod(n.shape[:-1]) * kernel[...].size
-        if n.op == "attention":
-            t = n.shape[0]
-            total += 2 * n.attr("heads") * t * t * n.attr("head_dim")
-    return total
-
-
 def test_every_op_has_a_contract_case():
     assert set(OPS) <= set(BODIES)
 
@@ -213,9 +193,9 @@ def test_compaction_is_exact_and_costs_are_the_compacted_counts(op):
         atol=1e-5,
     )
     assert space.params(masks) == param_count(small)
-    assert space.flops(masks) == reference_flops(small.model)
+    assert space.flops(masks) == reference.flops(small.model)
     assert space.dense_params == param_count(net)
-    assert space.dense_flops == reference_flops(net.model)
+    assert space.dense_flops == reference.flops(net.model)
 
 
 @pytest.mark.parametrize("op", sorted(BODIES))

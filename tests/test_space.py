@@ -1,9 +1,8 @@
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 
 import gapruning as gp
 from gapruning import models
@@ -21,23 +20,12 @@ def _random_masks(space, rng, keep=0.5):
     return masks
 
 
-def independent_flops(net):
-    """MACs counted from the layers' actual shapes (not from the space's terms)."""
-    total = 0
-    for n in net.nodes:
-        if n.op == "dense":
-            total += net.layers[n.name].kernel[...].size
-        elif n.op == "conv":
-            total += net.layers[n.name].kernel[...].size * math.prod(n.shape[:-1])
-    return total
-
-
 def test_all_ones_costs_equal_the_dense_counts(zoo_net):
     _, net = zoo_net
     space = PruneSpace(net)
     full = space.full_masks()
     assert space.params(full) == gp.param_count(net) == space.dense_params
-    assert space.flops(full) == independent_flops(net) == space.dense_flops
+    assert space.flops(full) == reference.flops(net) == space.dense_flops
 
 
 def test_compacted_outputs_equal_masked_outputs(zoo_net, batch):
@@ -51,7 +39,7 @@ def test_compacted_outputs_equal_masked_outputs(zoo_net, batch):
     assert float(jnp.abs(out - masked).max()) <= 1e-5 * max(1.0, scale)
     # exact accounting: the compacted model really has these counts
     assert space.params(masks) == gp.param_count(small) < space.dense_params
-    assert space.flops(masks) == independent_flops(small.model) < space.dense_flops
+    assert space.flops(masks) == reference.flops(small.model) < space.dense_flops
     card = small.card["pruning"]
     assert card["params"] == {
         "before": space.dense_params,
