@@ -9,7 +9,8 @@ through masks). That is exactly the LayerNorm of the compacted, narrower
 network, so its channels are channel-wise for pruning (flow ``channelwise``: a
 ViT's residual stream is one group). It reads its input through a mask and
 needs that mask (:attr:`~gapruning.models.ops.Op.needs_input_mask`): with every
-channel kept it is the plain LayerNorm.
+channel kept it is the plain LayerNorm. Exported masked (not compacted), it is
+PyTorch's LayerNorm on the kept channels; ONNX export needs the compacted model.
 
 Interval bounds (:func:`normalized_bounds`): for ``x`` in a box, ``x_c - mean``
 is linear in ``x``, so it lies in an interval; the variance lies between the mean
@@ -67,6 +68,25 @@ def normalized_bounds(lo, hi, eps: float, mask=None):
     )
 
 
+def _removed(mask) -> bool:
+    """Whether the mask vector ``mask`` (None: no mask) removes channels."""
+    return mask is not None and not np.all(np.asarray(mask) == 1.0)
+
+
+def _torch_kept(layer, x, mask):
+    """The ``nn.LayerNorm`` ``layer`` on the channels ``mask`` keeps of ``x``
+    (channels last), its bias at the others."""
+    if not _removed(mask):
+        return layer(x)
+    from torch.nn import functional as F
+
+    kept = np.flatnonzero(np.asarray(mask)).tolist()
+    w, b = layer.weight[kept], layer.bias[kept]
+    y = layer.bias.expand_as(x).clone()
+    y[..., kept] = F.layer_norm(x[..., kept], (len(kept),), w, b, layer.eps)
+    return y
+
+
 class LayerNorm(Op):
     name = "layernorm"
     flow = "channelwise"
@@ -102,14 +122,9 @@ class LayerNorm(Op):
     def cost(self, node, ref):
         return unit_terms(2, ref(node.name)), []
 
-    def unmasked(self, node, mask):
-        """Exports are of the plain LayerNorm: fails where ``mask`` (the vector
-        of the mask the node reads) removes channels."""
-        if mask is not None and not np.all(np.asarray(mask) == 1.0):
-            self.missing(node, "export with channels masked (compact it first)")
-
     def onnx(self, w, node, ins):
-        self.unmasked(node, w.input_mask(node))
+        if _removed(w.input_mask(node)):
+            self.missing(node, "ONNX export with channels masked (compact it first)")
         p, x, n = w.params[node.name], ins[0], node.name
         args = [w.const(f"{n}.scale", p["scale"]), w.const(f"{n}.bias", p["bias"])]
         eps = node.attr("epsilon")
@@ -125,11 +140,10 @@ class LayerNorm(Op):
         return nn.LayerNorm(node.shape[-1], eps=node.attr("epsilon"))
 
     def torch(self, graph, node, ins, in_shape):
-        self.unmasked(node, graph.input_mask(node))
-        layer, x = getattr(graph, node.name), ins[0]
+        layer, x, mask = getattr(graph, node.name), ins[0], graph.input_mask(node)
         if x.dim() != 4:
-            return layer(x)
-        return layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return _torch_kept(layer, x, mask)
+        return _torch_kept(layer, x.permute(0, 2, 3, 1), mask).permute(0, 3, 1, 2)
 
     def torch_state(self, node, p, chw):
         if chw is not None:
