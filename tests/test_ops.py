@@ -379,7 +379,7 @@ def test_gelu_tanh_form_has_no_onnx_export():
     assert np.isfinite(np.asarray(jax.jit(net.model)(x))).all()
 
 
-@pytest.mark.parametrize("op", ["concat", "mul", "dwconv", "attention"])
+@pytest.mark.parametrize("op", ["concat", "mul", "dwconv", "attention", "layernorm"])
 def test_population_fitness_matches_one_individual_at_a_time(op):
     """The vmapped population pass (split into shared and per-individual nodes)
     gives each individual the fitness it gets alone."""
