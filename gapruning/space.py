@@ -9,10 +9,12 @@ exactly for any masks, in NumPy (exact integers) or inside ``jit``/``vmap``.
 
 Counting conventions (equal to the physically compacted model's):
 
-* params: every ``nnx.Param`` element (kernels, biases, BatchNorm scale and bias;
-  not BatchNorm running statistics, not masks);
-* FLOPs: multiply-accumulates of Dense and Conv layers (the usual pruning-paper
-  convention; BatchNorm, activations, pooling and additions are not counted).
+* params: every ``nnx.Param`` element (kernels, biases, BatchNorm and LayerNorm
+  scale and bias, class token and position embedding tables; not BatchNorm
+  running statistics, not masks);
+* FLOPs: multiply-accumulates of Dense and Conv layers and of attention's matrix
+  products (the usual pruning-paper convention; normalizations, activations,
+  pooling and additions are not counted).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def inputs(n=5):
 def test_the_heads_are_one_group_of_units():
     space = attention_net().space
     assert [(g.name, g.size, g.kind) for g in space.groups] == [
-        ("patch", WIDTH, "conv"),
+        ("stream", WIDTH, "conv"),
         ("attn", HEADS, "heads"),
         ("proj", WIDTH, "dense"),
     ]
@@ -90,7 +90,7 @@ def test_compaction_removes_whole_heads_with_exact_costs():
     net = attention_net()
     masks = net.space.full_masks()
     masks["attn"] = np.array([True, False, True])
-    masks["patch"][[1, 4]] = False
+    masks["stream"][[1, 4]] = False
     small = gp.compact(net, masks)
     node = next(n for n in small.model.nodes if n.op == "attention")
     assert (node.attr("heads"), node.attr("head_dim")) == (2, HEAD_DIM)

@@ -283,7 +283,8 @@ def test_new_layers_groups_follow_the_couplings(saved):
     pruned with the expansion, the squeeze conv is a group of its own, the
     residual ties the stem and the projection. EfficientNet-style: grouped convs
     (depth multiplier 2 too) leave their inputs unprunable. DenseNet-style:
-    concatenated pieces keep their groups, LayerNorm's input is not prunable."""
+    concatenated pieces keep their groups, LayerNorm's input is prunable (it
+    normalizes over the kept channels)."""
     ops, spaces, nets = {}, {}, {}
     for name in NEW_LAYERS:
         net = nets[name] = from_keras(saved[name][1] / f"{name}.keras")
@@ -310,10 +311,11 @@ def test_new_layers_groups_follow_the_couplings(saved):
     assert ops["efficient"]["dw2"] == ops["efficient"]["grouped"] == "grouped_conv"
     assert {"hardsigmoid", "sigmoid", "silu", "mul"} <= set(ops["efficient"].values())
     sp = spaces["densenet"]
-    assert [g.name for g in sp.groups] == ["stem", "grow0", "grow1", "mlp"]
+    names = ["stem", "grow0", "grow1", "transition", "mlp"]
+    assert [g.name for g in sp.groups] == names
     assert sp.pieces_of("cat1") == ("cat0", "grow1")
     assert sp.pieces_of("cat0") == ("pool", "grow0")
-    assert sp.group_of("transition") is None and ops["densenet"]["ln"] == "layernorm"
+    assert sp.group_of("ln") == "transition" and ops["densenet"]["ln"] == "layernorm"
     assert ops["densenet"]["mlp"] == "conv" and ops["densenet"]["logits"] == "dense"
 
 

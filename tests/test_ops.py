@@ -273,8 +273,8 @@ def test_channel_flow_couplings():
     gc = network("grouped_conv").space
     assert gc.group_of("c1") is None and gc.group_of("gc") is None
     gw = network("groupwise_conv").space
-    assert gw.group_of("c1") == gw.group_of("gw") == "gw"  # named by its unit
-    assert {g.name: g.size for g in gw.groups}["gw"] == 2  # groups of 2 channels
+    assert gw.group_of("c1") == gw.group_of("gw") == "c1"
+    assert {g.name: g.size for g in gw.groups}["c1"] == 2  # groups of 2 channels
     shuffle = network("channel_shuffle").space
     assert [g.name for g in shuffle.groups] == ["inner", "c2"]
     assert shuffle.group_of("dw") == "inner"
@@ -366,7 +366,7 @@ def test_gelu_tanh_form_has_no_onnx_export():
     assert np.isfinite(np.asarray(jax.jit(net.model)(x))).all()
 
 
-@pytest.mark.parametrize("op", ["concat", "mul", "dwconv", "attention"])
+@pytest.mark.parametrize("op", ["concat", "mul", "dwconv", "attention", "layernorm"])
 def test_population_fitness_matches_one_individual_at_a_time(op):
     """The vmapped population pass (split into shared and per-individual nodes)
     gives each individual the fitness it gets alone."""

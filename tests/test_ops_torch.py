@@ -221,7 +221,9 @@ def test_groups_follow_the_couplings():
     """Inverted residual: the depthwise conv is in the expansion's group, the
     residual joins the stem and the projection. SE: the gate's second conv is in
     the gated map's group, and so is the grouped conv (as many channels out as in),
-    whose prunable unit is one of its 2 groups."""
+    whose prunable unit is one of its 2 groups; the features a LayerNorm reads are
+    a group. Channels-last: the residual stream through the LayerNorm is one group
+    of the conv and the second Linear."""
     _, net, _ = _converted("inverted_residual")
     names = {n.op: n.name for n in net.model.nodes}
     space = net.space
@@ -229,12 +231,17 @@ def test_groups_follow_the_couplings():
     assert len(space.groups) == 2
     _, net, _ = _converted("squeeze_excite")
     space = net.space
-    assert space.group_of("conv") == space.group_of("fc2") == "grouped"
-    assert [(g.name, g.size) for g in space.groups] == [("grouped", 2), ("fc1", 4)]
+    assert space.group_of("fc2") == space.group_of("grouped") == "conv"
+    assert [(g.name, g.size) for g in space.groups] == [
+        ("conv", 2),
+        ("fc1", 4),
+        ("fc", 6),
+    ]
     _, net, _ = _converted("inception")
     assert {g.name for g in net.space.groups} == {"stem", "b1", "b2_0", "b2_2", "conv"}
-    _, net, _ = _converted("channels_last")  # the LayerNorm fixes the stream
-    assert [(g.name, g.size) for g in net.space.groups] == [("fc1", 12)]
+    _, net, _ = _converted("channels_last")
+    assert [(g.name, g.size) for g in net.space.groups] == [("conv", 6), ("fc1", 12)]
+    assert net.space.groups[0].members == ("conv", "fc2")
 
 
 def test_unsupported_layers_fail_naming_them():
@@ -270,17 +277,24 @@ FAMILIES = {
     "vit": tiny_vit,
 }
 SIZE = (32, 32, 3)
-# the prunable groups: ConvNeXt's MLP hidden units (Linear(C, 4C) of each block);
+# the prunable groups: ConvNeXt's residual stream of each stage (named after the
+# stem or downsampling conv) and MLP hidden units (Linear(C, 4C) of each block);
 # ShuffleNetV2's stem, head conv and the 1x1 conv opening each block's branch
 # (with the depthwise conv after it): the concatenated, shuffled channels are not;
-# ViT's attention heads and MLP hidden units of each block (the residual stream,
-# normalized by LayerNorms, is not)
+# ViT's residual stream (normalized by LayerNorms over the kept channels), and the
+# attention heads and MLP hidden units of each block
 FAMILY_GROUPS = {
-    "convnext": {"features_1_0_block_3": 32, "features_3_0_block_3": 64},
+    "convnext": {
+        "features_0_0": 8,
+        "features_1_0_block_3": 32,
+        "features_2_1": 16,
+        "features_3_0_block_3": 64,
+    },
     "shufflenet_v2": {"conv1_0": 8, "conv5_0": 48}
     | {f"stage{s}_{b}_branch2_0": c for s, b, c in [(2, 0, 8), (2, 1, 8), (3, 0, 16)]}
     | {"stage4_0_branch2_0": 32},
-    "vit": {
+    "vit": {"stream": 16}
+    | {
         f"encoder_layers_encoder_layer_{i}_{part}": size
         for i in range(2)
         for part, size in (("self_attention", 4), ("mlp_0", 32))
@@ -308,10 +322,14 @@ def test_torchvision_family_groups(family):
     ops = {n.op for n in net.model.nodes}
     if name == "convnext":
         assert {"layernorm", "gelu", "dwconv"} <= ops
-        assert space.group_of("features_1_0_block_0") is None  # the residual stream
+        # the depthwise conv and the layer scale are in the stage's stream
+        assert space.group_of("features_1_0_block_0") == "features_0_0"
+        assert space.group_of("mul") == space.group_of("add") == "features_0_0"
     elif name == "vit":
         assert {"tokens", "class_token", "pos_embedding", "attention"} <= ops
-        assert "select_token" in ops and space.group_of("conv_proj") is None
+        assert "select_token" in ops and space.group_of("conv_proj") == "stream"
+        stream = ("cat", "encoder_ln", "encoder_layers_encoder_layer_1_mlp_3")
+        assert {space.group_of(t) for t in stream} == {"stream"}
         attn = "encoder_layers_encoder_layer_0_self_attention"
         assert space.group_of(f"{attn}_v") == attn and space.unit_width(attn) == 4
     else:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import replaced_atomically
+from ..models.builder import input_mask
 from ..models.graph import Node
 from ..models.ops import OPS, UnsupportedOpError
 from ..zoo import Pretrained
@@ -91,6 +92,7 @@ class _OnnxWriter:
         self.params = layer_arrays(pretrained)
         self.masks = vector_masks(pretrained)
         self.shapes = {n.name: n.shape for n in pretrained.model.nodes}
+        self.by_name = {n.name: n for n in pretrained.model.nodes}
         self.inits, self.nodes = [], []
         self.tensor: dict[str, str] = {}  # our node -> ONNX tensor name
 
@@ -116,6 +118,10 @@ class _OnnxWriter:
             return op.onnx(self, n, [self.tensor[i] for i in n.inputs])
         except UnsupportedOpError as err:
             raise ConversionError(str(err)) from None
+
+    def input_mask(self, n: Node):
+        """The vector of the mask ``n`` reads (None: its input is not masked)."""
+        return input_mask(n, self.by_name, self.masks.__getitem__)
 
     def in_shape(self, n: Node):
         """The shape of ``n``'s first input (channels last)."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..models.builder import input_mask
 from ..models.graph import Node
 from ..models.ops import OPS, UnsupportedOpError, op_of
 from ..zoo import Pretrained
@@ -144,6 +145,12 @@ def _torch_graph_class():
         def mask(self, group: str):
             """The mask buffer of ``group``."""
             return getattr(self, self._mask_names[group])
+
+        def input_mask(self, node: Node):
+            """The vector of the mask ``node`` reads (None: its input is not
+            masked)."""
+            by_name = {n.name: n for n in self.nodes}
+            return input_mask(node, by_name, lambda g: self.mask(g).numpy())
 
         def forward(self, x):
             vals = {}

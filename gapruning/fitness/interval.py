@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..models import Net, Node
+from ..models.builder import input_mask
 from ..models.ops import OPS, op_of
 from ..models.ops.activations import Activation
 from ..zoo import Pretrained
@@ -87,12 +88,16 @@ def linear_bound(n: Node, p: dict, x, *, absolute: bool, bias: bool):
     return op_of(n).linear(n, p, x, absolute=absolute, bias=bias)
 
 
-def _params_of(n: Node, params: dict, masks: Mapping | None):
+def _params_of(n: Node, params: dict, masks: Mapping | None, by_name: dict):
     """What the op's bounds read: a mask node's mask vector (None: every unit
-    kept), another node's layer variables."""
+    kept), another node's layer variables (with ``"mask"``, the vector of the
+    mask it reads, for the ops that need it)."""
     op = op_of(n)
     if op.uses_masks:
         return None if masks is None else op.mask_vector(n, masks.__getitem__)
+    if op.needs_input_mask:
+        mask = None if masks is None else input_mask(n, by_name, masks.__getitem__)
+        return {**params.get(n.name, {}), "mask": mask}
     return params.get(n.name)
 
 
@@ -113,6 +118,7 @@ def propagate_bounds(
     """
     _check_ops(net)
     params = layer_params(net)
+    by_name = {n.name: n for n in net.nodes}
     vals: dict = {}
     out: dict = {}
     for n in net.nodes:
@@ -120,7 +126,7 @@ def propagate_bounds(
             y = (lo, hi)
         else:
             ins = [vals[i] for i in n.inputs]
-            y = op_of(n).bounds(n, _params_of(n, params, masks), ins)
+            y = op_of(n).bounds(n, _params_of(n, params, masks, by_name), ins)
         vals[n.name] = y
         if keep is None or n.name in keep:
             out[n.name] = y
@@ -177,6 +183,7 @@ def impact_bounds(net: Net, masks: Mapping, dense: dict):
     """Bounds ``(dl, du)`` of (pruned output - dense output) over the region whose
     dense bounds ``dense`` (from :func:`propagate_bounds`) were computed."""
     params = layer_params(net)
+    by_name = {n.name: n for n in net.nodes}
     vals: dict = {}  # node -> (centre, radius) of the difference
     for n in net.nodes:
         if n.op == "input":
@@ -187,7 +194,7 @@ def impact_bounds(net: Net, masks: Mapping, dense: dict):
         op = op_of(n)
         ins = [vals[i] for i in n.inputs]
         ref = [dense[i] for i in n.inputs] if op.needs_dense_bounds else None
-        vals[n.name] = op.delta(n, _params_of(n, params, masks), ins, ref)
+        vals[n.name] = op.delta(n, _params_of(n, params, masks, by_name), ins, ref)
     c, r = vals[net.nodes[-1].name]
     return c - r, c + r
 

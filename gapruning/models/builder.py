@@ -168,8 +168,8 @@ class GraphBuilder:
         )
 
     def layernorm(self, x, *, epsilon=1e-5, name=None) -> str:
-        """LayerNorm over the channel axis; the channels it reads are not
-        prunable."""
+        """LayerNorm over the channel axis (over the kept channels, when they
+        are pruned)."""
         return self._add(
             "layernorm",
             self._name("ln", name),
@@ -453,7 +453,7 @@ def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
     output_space = space_of[nodes[-1].name]
     pieces, fixed_spaces = _concat_pieces(nodes, space_of, members)
     fixed_spaces |= {space_of[t] for t in fixed_inputs}
-    units, mixed, unit_names = _unit_widths(nodes, space_of, pieces)
+    units, mixed = _unit_widths(nodes, space_of, pieces)
     fixed_spaces |= mixed
     allowed = ("producer", "channelwise", "join", "remap")
     prunable, kinds = {}, {}
@@ -462,27 +462,25 @@ def channel_spaces(nodes: tuple[Node, ...]) -> ChannelSpaces:
         fixed = [m for m in ms if op_of(m).flow not in allowed]
         if not producers or fixed or sid == output_space or sid in fixed_spaces:
             continue
-        adds = [m.attr("group") for m in ms if m.op == "add" and m.attr("group")]
-        prunable[sid] = adds[0] if adds else unit_names.get(sid, producers[0].name)
+        given = [op_of(m).group_name(m) for m in ms]
+        free = [g for g in given if g and g not in prunable.values()]
+        prunable[sid] = free[0] if free else producers[0].name
         kinds[sid] = "heads" if sid in units else producers[0].op
     return ChannelSpaces(space_of, prunable, kinds, pieces, units)
 
 
 def _unit_widths(nodes, space_of, pieces):
-    """``(units, fixed, names)``: channels per unit of the spaces whose ops group
-    their channels (:meth:`~gapruning.models.ops.Op.unit_width`), the spaces
-    that cannot be pruned in such units (two different widths, or a piece of a
-    concatenation), and the first such op of each space (it names the group)."""
-    units, fixed, names = {}, set(), {}
+    """``(units, fixed)``: channels per unit of the spaces whose ops group their
+    channels (:meth:`~gapruning.models.ops.Op.unit_width`), and the spaces that
+    cannot be pruned in such units (two different widths, or a piece of a
+    concatenation)."""
+    units, fixed = {}, set()
     for n in nodes:
         width = op_of(n).unit_width(n)
-        if width > 1:
-            sid = space_of[n.name]
-            names.setdefault(sid, n.name)
-            if units.setdefault(sid, width) != width:
-                fixed.add(sid)
+        if width > 1 and units.setdefault(space_of[n.name], width) != width:
+            fixed.add(space_of[n.name])
     fixed |= {space_of[t] for ts in pieces.values() for t in ts} & set(units)
-    return units, fixed, names
+    return units, fixed
 
 
 def _concat_pieces(nodes, space_of, members):
@@ -515,7 +513,7 @@ def _shape(nodes, name):
 def insert_masks(nodes: tuple[Node, ...]) -> tuple[Node, ...]:
     """Adds one ``mask`` node after every prunable tensor that an op reading
     through masks (:attr:`~gapruning.models.ops.Op.reads_masked`: dense, conv,
-    flatten, channel_map) reads, and rewires those readers to it."""
+    flatten, channel_map, layernorm) reads, and rewires those readers to it."""
     if any(op_of(n).uses_masks for n in nodes):
         return nodes
     spaces = channel_spaces(nodes)
@@ -556,3 +554,11 @@ def mask_read(n: Node, by_name: dict[str, Node]) -> Node | None:
     if op_of(src).flow == "reshape" and by_name[src.inputs[0]].op == "mask":
         src = by_name[src.inputs[0]]
     return src if src.op == "mask" else None
+
+
+def input_mask(n: Node, by_name: dict[str, Node], lookup):
+    """The vector of the mask node ``n`` reads (``lookup(group)`` giving one
+    group's mask), or ``None`` where ``n``'s input is not masked."""
+    src = by_name[n.inputs[0]]
+    op = op_of(src)
+    return op.mask_vector(src, lookup) if op.uses_masks else None

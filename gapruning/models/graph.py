@@ -37,11 +37,13 @@ from .builder import (
     GraphBuilder,
     Node,
     channel_spaces,
+    input_mask,
     insert_masks,
     mask_read,
 )
 from .masked_layers import masked_contraction, mix_parts
 from .ops import ShapeOp, apply_pool, op_of
+from .ops.base import layer_vars
 
 __all__ = [
     "PRODUCERS",
@@ -215,6 +217,10 @@ class Net(nnx.Module):
                 y = op_of(n).apply(n, mask, [vals[n.inputs[0]]])
             elif op_of(n).flow == "producer":
                 y = self._linear(n, vals, by_name)
+            elif op_of(n).needs_input_mask:
+                p = layer_vars(self.layers[n.name] if n.name in self.layers else None)
+                p["mask"] = input_mask(n, by_name, lambda g: self.masks[g][...])
+                y = op_of(n).apply(n, p, [vals[i] for i in n.inputs])
             else:
                 layer = self.layers[n.name] if n.name in self.layers else None
                 y = op_of(n).apply(n, layer, [vals[i] for i in n.inputs])

@@ -3,7 +3,10 @@
 Patch embedding (a strided convolution), a class token, learned position
 embeddings, pre-norm encoder blocks (LayerNorm, multi-head self-attention, add;
 LayerNorm, GELU MLP, add), a final LayerNorm and a classifier on the class
-token. The prunable units are each block's attention heads and MLP hidden units.
+token. The prunable units are each block's attention heads and MLP hidden units,
+and the residual stream's channels (one group, ``"stream"``: the patch
+embedding, the tokens, every block's output projections and additions, the
+LayerNorms, which normalize over the kept channels, and the classifier's input).
 """
 
 from __future__ import annotations

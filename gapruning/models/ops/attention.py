@@ -7,7 +7,8 @@ The four tensors index the same heads (flow ``join``), so the q, k and v
 projections and the attention output are one group whose unit is one head
 (:meth:`unit_width` = ``head_dim``): its mask sits in front of the output
 projection, which reads the attention output, and masking head ``h`` there
-equals removing its channels from q, k, v and that projection's rows.
+equals removing its channels from q, k, v and that projection's rows. The group
+is named after the attention node.
 Compaction keeps whole heads (fewer heads, the same ``head_dim`` and scale).
 
 Cost (the convention of :mod:`gapruning.space`): no parameters (the projections
@@ -42,6 +43,9 @@ class Attention(Op):
     name = "attention"
     flow = "join"
     needs_dense_bounds = True
+
+    def group_name(self, node):
+        return node.name
 
     def unit_width(self, node):
         return node.attr("head_dim")

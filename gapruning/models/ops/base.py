@@ -7,8 +7,10 @@ Every stage that used to dispatch on the op's name asks the table instead:
   :meth:`Op.apply`;
 * channel flow: :attr:`Op.flow` says how the channel (last) axis of its output
   relates to its inputs' (see :data:`FLOWS`), :attr:`Op.reads_masked` whether a
-  mask is put in front of it when it reads a prunable tensor, :meth:`Op.unit_width`
-  how many channels one prunable unit spans (attention heads);
+  mask is put in front of it when it reads a prunable tensor (and
+  :attr:`Op.needs_input_mask` whether it reads that mask's vector too),
+  :meth:`Op.unit_width` how many channels one prunable unit spans (attention
+  heads), :meth:`Op.group_name` what it names the group of its output;
 * compaction: :meth:`Op.compact_params` and :meth:`Op.compact_attrs`;
 * cost: :meth:`Op.cost`, exact parameter and FLOP terms;
 * bounds: :meth:`Op.bounds` (interval bound propagation) and :meth:`Op.delta`
@@ -31,7 +33,8 @@ FLOWS = {
     "source": "the graph input; its channels are fixed",
     "producer": "new units (Dense/Conv outputs): a prunable group of their own",
     "channelwise": "the input's channels, unit for unit (activations, BatchNorm, "
-    "pooling, depthwise and groupwise convolution)",
+    "pooling, depthwise and groupwise convolution, LayerNorm over the kept "
+    "channels)",
     "join": "every input and the output index the same units (add, multiply)",
     "couple": "the input's channels, mixed (softmax): the space is not prunable",
     "reshape": "a new axis made of the input's (flatten)",
@@ -63,6 +66,10 @@ class Op:
     variables: tuple[str, ...] = ()  # Flax variable names of its layer
     needs_dense_bounds = False  # delta reads its inputs' dense interval bounds
     uses_masks = False  # reads the group masks (see mask_vector)
+    # reads through a mask (reads_masked) and needs its vector: apply, bounds and
+    # delta then get their variables as a dict ``p`` whose ``p["mask"]`` is the
+    # vector of the mask node read (None where the input is not masked)
+    needs_input_mask = False
 
     def missing(self, node, what: str):
         """Raises :class:`UnsupportedOpError`: ``node`` has no ``what``."""
@@ -81,7 +88,8 @@ class Op:
         return None
 
     def apply(self, node, layer, xs: list) -> Any:
-        """The node's output from its inputs' values ``xs`` (batch axis first)."""
+        """The node's output from its inputs' values ``xs`` (batch axis first);
+        ``layer`` as :meth:`layer` made it (see :attr:`needs_input_mask`)."""
         self.missing(node, "computation")
 
     def mask_vector(self, node, lookup: Callable[[str], Any]):
@@ -92,6 +100,12 @@ class Op:
     def mask_groups(self, node) -> dict[str, int]:
         """For ops that read the group masks: ``{group: units}`` they read."""
         return {}
+
+    def group_name(self, node) -> str | None:
+        """The name this op gives the prunable group of its output's space
+        (None: none); the first free name given in graph order wins, else the
+        group is named after its first producer."""
+        return None
 
     def unit_width(self, node) -> int:
         """Channels per prunable unit of the space of the node's output (1; an
@@ -225,12 +239,12 @@ def centre_radius(lo, hi):
     return (lo + hi) / 2, (hi - lo) / 2
 
 
-def bounds_difference(bounds, difference, dense):
+def bounds_difference(bounds, difference, dense, dense_bounds=None):
     """``(centre, radius)`` bounding pruned minus dense output of an op, from
     its input bounds map ``bounds`` (``(lo, hi) -> (lo, hi)``): the pruned
     network's bounds (the input's ``dense`` bounds moved by its ``difference``)
-    minus the dense network's."""
+    minus the dense network's (through ``dense_bounds``, default ``bounds``)."""
     (c, r), (lo, hi) = difference, dense
     pruned_lo, pruned_hi = bounds(lo + c - r, hi + c + r)
-    dense_lo, dense_hi = bounds(lo, hi)
+    dense_lo, dense_hi = (dense_bounds or bounds)(lo, hi)
     return centre_radius(pruned_lo - dense_hi, pruned_hi - dense_lo)

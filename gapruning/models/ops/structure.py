@@ -74,6 +74,9 @@ class Add(Op):
     name = "add"
     flow = "join"
 
+    def group_name(self, node):
+        return node.attr("group")
+
     def apply(self, node, layer, xs):
         return sum(xs[1:], xs[0])
 

@@ -7,7 +7,9 @@ token, a distillation token); ``pos_embedding`` adds a learned ``(T, C)`` table;
 ``select_token`` takes one token (``x[:, 0]``, the class token before the head).
 All four keep the channels of their input (flow ``channelwise``), so a mask and
 compaction act on the channel (last) axis as for feature maps; the learned
-tables keep the columns of the kept channels. Exported tensors are ``(N, T, C)``,
+tables keep the columns of the kept channels. In a transformer these channels,
+with the residual additions and LayerNorms they reach, are the residual stream:
+one group, which ``tokens`` names ``"stream"``. Exported tensors are ``(N, T, C)``,
 as PyTorch's transformers have them.
 """
 
@@ -32,6 +34,9 @@ class Tokens(ShapeOp):
     """``(H, W, C) -> (H * W, C)``."""
 
     name = "tokens"
+
+    def group_name(self, node):
+        return "stream"
 
     def shape_apply(self, node, x):
         return x.reshape(*x.shape[:-3], -1, x.shape[-1])
