@@ -70,7 +70,7 @@ def forward(net, x, masks=None, use_masks=True):
     }
     if masks is None:
         masks = {g: np.asarray(m[...]) for g, m in net.masks.items()}
-    vals = {}
+    vals, kept = {}, {}  # kept: mask node -> its kept channels
     for n in net.nodes:
         a = dict(n.attrs)
         ins = [vals[i] for i in n.inputs]
@@ -78,6 +78,7 @@ def forward(net, x, masks=None, use_masks=True):
             y = np.asarray(x, np.float64)
         elif n.op == "mask":
             m = np.repeat(np.asarray(masks[a["group"]], np.float64), a.get("unit", 1))
+            kept[n.name] = m > 0 if use_masks else np.ones(len(m), bool)
             y = ins[0] * m if use_masks else ins[0]
         elif n.op == "dense":
             p = params[n.name]
@@ -98,10 +99,13 @@ def forward(net, x, masks=None, use_masks=True):
         elif n.op == "mul":
             gate = ins[1]
             y = ins[0] * (gate[:, None, None, :] if gate.ndim < ins[0].ndim else gate)
-        elif n.op == "layernorm":
-            p, z = params[n.name], ins[0] - ins[0].mean(-1, keepdims=True)
+        elif n.op == "layernorm":  # over the kept channels; the bias elsewhere
+            p, x = params[n.name], ins[0]
+            on = kept.get(n.inputs[0], np.ones(x.shape[-1], bool))
+            z = x[..., on] - x[..., on].mean(-1, keepdims=True)
             std = np.sqrt((z**2).mean(-1, keepdims=True) + a["epsilon"])
-            y = z / std * p["scale"] + p["bias"]
+            y = np.broadcast_to(p["bias"], x.shape).copy()
+            y[..., on] = z / std * p["scale"][on] + p["bias"][on]
         elif n.op == "tokens":
             y = ins[0].reshape(len(ins[0]), -1, ins[0].shape[-1])
         elif n.op == "class_token":

@@ -7,8 +7,9 @@ torchvision's)."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from flax import nnx
-from test_ops import random_masks, random_pretrained, reference_flops
+from test_ops import random_masks, random_pretrained
 
 import gapruning as gp
 from gapruning.fitness.interval import (
@@ -70,7 +71,7 @@ def test_a_masked_stream_equals_the_compacted_vit(seed):
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
     assert np.abs(want - np.asarray(net.model(x))).max() > 1e-3  # it mattered
     assert net.space.params(masks) == gp.param_count(small) < net.space.dense_params
-    assert net.space.flops(masks) == reference_flops(small.model)
+    assert net.space.flops(masks) == reference.flops(small.model)
     layers = small.model.layers
     for ln in ("b0_ln1", "b1_ln2", "ln"):
         assert layers[ln].scale[...].shape == layers[ln].bias[...].shape == (kept,)

@@ -53,8 +53,9 @@ def mobilenet(
     se_reduction: int = 4,
     config=MOBILENET_CONFIG,
 ) -> tuple[Node, ...]:
-    """Stem conv3x3, the inverted residual stages of ``config``, a 1x1 head conv,
-    global average pool, classifier. ``se_reduction=0`` leaves out the gates."""
+    """Stem conv3x3 of stride ``stem_stride`` (28x28 inputs become 14x14 maps),
+    the inverted residual stages of ``config``, a 1x1 head conv, global average
+    pool, classifier. ``se_reduction=0`` leaves out the gates."""
     g = GraphBuilder(input_shape)
     x = _conv_bn(g, g.input, stem, 3, "stem_", strides=stem_stride)
     x = g.activation(x, "relu6", name="stem_relu")

@@ -103,42 +103,19 @@ class DepthwiseConv(GroupedConvBase):
     name = "dwconv"
     flow = "channelwise"
 
+    def per_group(self, node) -> int:
+        """Channels in (and out) per group."""
+        return 1
+
     def groups(self, node, in_channels):
-        return in_channels
+        return in_channels // self.per_group(node)
 
     def features(self, node, in_channels):
         return in_channels
-
-    def cost(self, node, ref):
-        outs, k = ref(node.name), math.prod(node.attr("kernel_size"))
-        params = unit_terms(k, outs)
-        if node.attr("use_bias"):
-            params += unit_terms(1, outs)
-        return params, unit_terms(math.prod(node.shape[:-1]) * k, outs)
-
-    def compact_params(self, node, p, rows, cols):
-        return {k: v[..., cols] for k, v in p.items()}
-
-
-class GroupwiseConv(GroupedConvBase):
-    """``groups`` groups of ``C / groups`` channels in and out; the prunable
-    unit is one group."""
-
-    name = "groupwise_conv"
-    flow = "channelwise"
-
-    def groups(self, node, in_channels):
-        return in_channels // self.unit_width(node)
-
-    def features(self, node, in_channels):
-        return in_channels
-
-    def unit_width(self, node):
-        return node.shape[-1] // node.attr("groups")
 
     def cost(self, node, ref):
         outs = ref(node.name)
-        k = math.prod(node.attr("kernel_size")) * self.unit_width(node)
+        k = math.prod(node.attr("kernel_size")) * self.per_group(node)
         params = unit_terms(k, outs)
         if node.attr("use_bias"):
             params += unit_terms(1, outs)
@@ -147,8 +124,21 @@ class GroupwiseConv(GroupedConvBase):
     def compact_params(self, node, p, rows, cols):
         return {k: v[..., cols] for k, v in p.items()}
 
+
+class GroupwiseConv(DepthwiseConv):
+    """The depthwise convolution's generalisation: ``groups`` groups of ``C /
+    groups`` channels in and out; the prunable unit is one group."""
+
+    name = "groupwise_conv"
+
+    def per_group(self, node):
+        return node.shape[-1] // node.attr("groups")
+
+    def unit_width(self, node):
+        return self.per_group(node)
+
     def compact_attrs(self, node, attrs, cols, in_index):
-        return {**attrs, "groups": len(cols) // self.unit_width(node)}
+        return {**attrs, "groups": len(cols) // self.per_group(node)}
 
 
 def node_width(pieces) -> int:
