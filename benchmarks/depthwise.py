@@ -32,10 +32,10 @@ def timings(size, channels, stride, batch, repeats):
     op = conv_op((stride, stride), "SAME")
     x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
     k = jax.random.normal(jax.random.key(1), (3, 3, 1, channels))
-    fns = {"xla": op.raw, "shifted": op.depthwise}
-    forward = {n: jax.jit(lambda x, k, f=f: f(x, k, channels)) for n, f in fns.items()}
+    fns = {"xla": lambda x, k: op.raw(x, k, channels), "shifted": op.depthwise}
+    forward = {n: jax.jit(f) for n, f in fns.items()}
     grad = {
-        n: jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k, channels) ** 2), (0, 1)))
+        n: jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) ** 2), (0, 1)))
         for n, f in fns.items()
     }
     runs = {f"{n} forward": lambda f=f: f(x, k) for n, f in forward.items()}
@@ -57,7 +57,7 @@ def main():
         "# Depthwise convolution: shifted products vs XLA's grouped convolution\n",
         f"{info['date']}, {info['cores']} CPU cores, jax {info['jax']}, devices "
         f"{', '.join(info['devices'])}, load average at start "
-        f"{info['load_average_at_start']}; batch {batch}, 3x3 kernels, SAME "
+        f"{info['load_average_at_start']:.1f}; batch {batch}, 3x3 kernels, SAME "
         f"padding; median of {repeats}, the two run in turn. Gradient: forward "
         "and the gradient with respect to input and kernel.\n",
         "| input | stride | XLA forward (ms) | shifted (ms) | speed-up | "
