@@ -3,10 +3,13 @@ one-shot baselines and of Paoding's merging."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from fitness_nets import random_net, tiny_bn
+from flax import nnx
 
 import gapruning as gp
 from gapruning.methods import METHODS
@@ -180,6 +183,24 @@ def test_synflow_scores_match_a_plain_loop():
         want = _synflow_reference(net, m)
         np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9)
     assert got[2] == 0.0 and got[6 + 1] == 0.0
+
+
+def test_synflow_counts_every_parameter_a_group_owns():
+    """SynFlow's conservation (Tanaka et al., 2020): with no biases the network
+    is homogeneous in each layer's weights, so each layer's scores sum to R. The
+    stem's group owns its kernel and the depthwise kernel after it: 2R in all."""
+    g = GraphBuilder((6, 6, 2))
+    x = g.relu(g.conv(g.input, 3, 3, use_bias=False, name="c1"))
+    x = g.relu(g.conv(x, 3, 3, groups=3, use_bias=False, name="dw"))
+    out = g.dense(g.global_avgpool(x), 2, use_bias=False, name="out")
+    model = random_net(g.build(out), 0)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(jnp.abs, params))
+    flow = reference.forward(model, np.ones((1, 6, 6, 2))).sum()
+    nnx.update(model, params)
+    scores = synflow_scores(model)
+    assert scores.shape == (3,)
+    np.testing.assert_allclose(scores.sum(), 2 * flow, rtol=1e-9)
 
 
 # ------------------------------------------------------------- Paoding numerics

@@ -98,19 +98,20 @@ def l2_out(ctx: MethodContext) -> MethodResult:
 # ----------------------------------------------------------------------- SynFlow
 
 
-def _unit_owned(space: PruneSpace) -> list[tuple[str, str, int, int]]:
+def _unit_owned(space: PruneSpace, params: dict) -> list[tuple[str, str, int, int]]:
     """``(layer, variable, group offset, group size)`` of every parameter whose last
-    axis indexes a group's units (producer kernels and biases, BatchNorm
-    scale/bias on the group's channels)."""
+    axis indexes a group's channels: the variables of the group's nodes (``params``:
+    layer -> variable -> array) as wide as the node's output (producer kernels and
+    biases, depthwise kernels, BatchNorm and LayerNorm scale and bias, token
+    tables)."""
     owned = []
     for g, o in zip(space.groups, space.offsets, strict=True):
         for n in space.nodes:
-            if n.op in ("dense", "conv") and n.name in g.members:
-                owned.append((n.name, "kernel", o, g.size))
-                if n.attr("use_bias"):
-                    owned.append((n.name, "bias", o, g.size))
-            elif n.op == "batchnorm" and space.group_of(n.name) == g.name:
-                owned += [(n.name, "scale", o, g.size), (n.name, "bias", o, g.size)]
+            if space.group_of(n.name) != g.name:
+                continue
+            for var, value in params.get(n.name, {}).items():
+                if value.ndim and value.shape[-1] == n.shape[-1]:
+                    owned.append((n.name, var, o, g.size))
     return owned
 
 
@@ -123,7 +124,7 @@ def _synflow_fn(model: Net, space: PruneSpace):
 
     pure = absolute(nnx.to_pure_dict(params))
     rest_pure = absolute(nnx.to_pure_dict(rest))
-    owned = _unit_owned(space)
+    owned = _unit_owned(space, pure.get("layers", {}))
 
     def flow(p, masks):
         ps, rs = nnx.State(params), nnx.State(rest)
