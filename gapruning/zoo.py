@@ -220,6 +220,7 @@ def load(name_or_dir: str | os.PathLike) -> Pretrained:
     if not (path / STATE_DIR).is_dir():
         raise ModelFileError(f"{path} has no {STATE_DIR}/ checkpoint directory")
     restored = _restore(path / STATE_DIR, abstract)
+    _keep_new_groups(restored, abstract)
     _check_shapes(restored, abstract, path)
     model = assemble(nodes, restored["layers"], restored.get("masks"))
     check_finite(model, str(path))
@@ -236,6 +237,17 @@ def _restore(ckpt_dir: Path, abstract):
             f"cannot read checkpoint {ckpt_dir}: {type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}"
         ) from None
+
+
+def _keep_new_groups(restored, abstract) -> None:
+    """All-ones masks for the groups a model saved by an older version did not
+    have (channels that version could not prune: every unit was kept)."""
+    if "masks" not in abstract:
+        return
+    masks = restored.setdefault("masks", {})
+    for group, spec in abstract["masks"].items():
+        if group not in masks:
+            masks[group] = np.ones(spec.shape, spec.dtype)
 
 
 def _check_shapes(restored, abstract, path: Path) -> None:

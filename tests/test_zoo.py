@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +123,44 @@ def test_missing_or_damaged_checkpoint(tmp_path):
     shutil.rmtree(tmp_path / "m" / "state")
     with pytest.raises(zoo.ModelFileError, match="no state/"):
         gp.load(tmp_path / "m")
+
+
+def _without_stream_masks(nodes):
+    """``nodes`` as a version that could not prune the ViT stream saved them."""
+    source = {
+        n.name: n.inputs[0]
+        for n in nodes
+        if n.op == "mask" and n.attr("group") == "stream"
+    }
+    return tuple(
+        dataclasses.replace(n, inputs=tuple(source.get(i, i) for i in n.inputs))
+        for n in nodes
+        if n.name not in source
+    )
+
+
+def test_a_model_saved_before_a_group_existed_loads_with_it(tmp_path):
+    """Mask nodes follow the current rules: a ViT saved when its residual stream
+    was not prunable (no stream masks in its graph or checkpoint) loads with an
+    all-ones stream group and the same outputs."""
+    import orbax.checkpoint as ocp
+
+    net = _pretrained("vit")
+    old_nodes = _without_stream_masks(net.model.nodes)
+    assert len(old_nodes) < len(net.model.nodes)
+    assert models.insert_masks(old_nodes) == net.model.nodes
+    path = gp.save(net, tmp_path / "vit")
+    card = json.loads((path / zoo.CARD_FILE).read_text())
+    card["graph"] = zoo.graph_to_json(old_nodes)
+    (path / zoo.CARD_FILE).write_text(json.dumps(card))
+    state = nnx.to_pure_dict(nnx.state(net.model))
+    del state["masks"]["stream"]
+    shutil.rmtree(path / zoo.STATE_DIR)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path / zoo.STATE_DIR, state)
+    ckpt.wait_until_finished()
+    back = gp.load(path)
+    assert back.model.nodes == net.model.nodes
+    assert bool(jnp.all(back.model.masks["stream"][...] == 1))
+    x = jnp.asarray(np.random.default_rng(0).random((2, 28, 28, 1)), jnp.float32)
+    np.testing.assert_allclose(back.model(x), net.model(x), rtol=1e-6, atol=1e-6)

@@ -513,9 +513,10 @@ def _shape(nodes, name):
 def insert_masks(nodes: tuple[Node, ...]) -> tuple[Node, ...]:
     """Adds one ``mask`` node after every prunable tensor that an op reading
     through masks (:attr:`~gapruning.models.ops.Op.reads_masked`: dense, conv,
-    flatten, channel_map, layernorm) reads, and rewires those readers to it."""
-    if any(op_of(n).uses_masks for n in nodes):
-        return nodes
+    flatten, channel_map, layernorm) reads, and rewires those readers to it.
+    Mask nodes already there are taken out first: the masks always follow the
+    current rules, also in graphs saved by older versions."""
+    nodes = _without_masks(nodes)
     spaces = channel_spaces(nodes)
     by_name = {n.name: n for n in nodes}
     mixing = {n.name for n in nodes if op_of(n).reads_masked}
@@ -543,6 +544,16 @@ def insert_masks(nodes: tuple[Node, ...]) -> tuple[Node, ...]:
         if n.name in masks:
             out.append(masks[n.name])
     return tuple(out)
+
+
+def _without_masks(nodes: tuple[Node, ...]) -> tuple[Node, ...]:
+    """``nodes`` without mask nodes, their readers reading the masked tensors."""
+    source = {n.name: n.inputs[0] for n in nodes if op_of(n).uses_masks}
+    return tuple(
+        dataclasses.replace(n, inputs=tuple(source.get(i, i) for i in n.inputs))
+        for n in nodes
+        if n.name not in source
+    )
 
 
 def mask_read(n: Node, by_name: dict[str, Node]) -> Node | None:
