@@ -130,7 +130,9 @@ def main(argv=None) -> int:
     test = gp.data.load_dataset("fashion-mnist", "test")
     if args.test_samples:
         test = (test.images[: args.test_samples], test.labels[: args.test_samples])
-    json_path = args.out.with_suffix(".json")
+    json_path, md_path = (
+        args.out.with_name(args.out.name + s) for s in (".json", ".md")
+    )
     old = json.loads(json_path.read_text()) if json_path.exists() else None
     new = {"machine": machine(), "rows": []}
     for model in args.models:
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
             report = merge(old, new)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
-            write_text_atomic(args.out.with_suffix(".md"), markdown(report))
+            write_text_atomic(md_path, markdown(report))
     print(markdown(report))
     return 0
 
