@@ -141,6 +141,7 @@ def _torch_graph_class():
                 if layer is not None:
                     self.add_module(n.name, layer)
             self._shapes = shapes
+            self._by_name = {n.name: n for n in nodes}
 
         def mask(self, group: str):
             """The mask buffer of ``group``."""
@@ -149,8 +150,7 @@ def _torch_graph_class():
         def input_mask(self, node: Node):
             """The vector of the mask ``node`` reads (None: its input is not
             masked)."""
-            by_name = {n.name: n for n in self.nodes}
-            return input_mask(node, by_name, lambda g: self.mask(g).numpy())
+            return input_mask(node, self._by_name, lambda g: self.mask(g).numpy())
 
         def forward(self, x):
             vals = {}
